@@ -1,0 +1,286 @@
+"""Phase 1: encode every sample once into a cache of safetensors files plus a JSON manifest.
+
+Per sample, ``samples/<id>.safetensors`` holds:
+    prompt_emb      (L, D)     Qwen2.5-VL hidden states of the engine's multi-image edit template,
+                               with the references as vision context ("Picture N: ...")
+    target          (16, h, w) VAE latents of the target
+    ref.K           (16, h_k, w_k) VAE latents of reference K (K = 0, 1, 2)
+    white           (16, h, w) VAE latents of a pure-white image the size of the target (bridge training)
+    mask            (1, h, w)  the edit mask on the latent grid, in [0, 1] (only when the row has one)
+Its safetensors metadata carries the sample's manifest record, so the manifest can always be rebuilt
+from the files, and a re-run skips every sample whose sources still hash the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .atomic import atomic_path, write_json
+from .dataset import Sample, load_dataset
+from .errors import EditTunerError
+from .images import ResizeConfig, fit_size, load_mask, load_rgb, resize_to
+from .models import Encoders, ModelSource
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+IDENTITY = "cache_identity.json"
+
+
+def template_identity() -> str:
+    """The engine's prompt code and version: if either changes, old prompt embeddings are stale."""
+    import diffsynth
+    from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder
+
+    source = inspect.getsource(QwenImageUnit_PromptEmbedder.encode_prompt_edit_multi)
+    version = getattr(diffsynth, "__version__", None) or _dist_version("diffsynth")
+    return f"diffsynth-{version}:" + hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+    return version(name)
+
+
+def cache_identity(encoder_fingerprint: str | None, resize: ResizeConfig) -> dict:
+    return {"format": CACHE_FORMAT, "encoders": encoder_fingerprint, "templates": template_identity(),
+            "resize": resize.as_dict()}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_hashes(sample: Sample) -> dict:
+    return {"prompt": hashlib.sha256(sample.prompt.encode()).hexdigest(),
+            "image": sha256_file(sample.image),
+            "edit_image": [sha256_file(p) for p in sample.edit_images],
+            "back_mask": sha256_file(sample.mask) if sample.mask else None}
+
+
+def sample_filename(sample_id: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in sample_id)[:80]
+    # The hash keeps ids that differ only in unsafe characters apart.
+    return f"{safe}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}.safetensors"
+
+
+def make_encoding_pipe(encoders: Encoders, device, dtype):
+    """A diffsynth QwenImagePipeline holding just what phase 1 needs, so the engine's units run unchanged."""
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    pipe = QwenImagePipeline(device=device, torch_dtype=dtype)
+    pipe.text_encoder = encoders.text_encoder
+    pipe.processor = encoders.processor
+    pipe.vae = encoders.vae
+    return pipe
+
+
+def reference_prompt_embedder(vl_pixels: int):
+    """The engine's prompt unit, with the reference resize for the VL encoder taken from ``vl_pixels``."""
+    from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder
+
+    class ReferencePromptEmbedder(QwenImageUnit_PromptEmbedder):
+        def resize_image(self, image, target_area=None):
+            return super().resize_image(image, target_area=vl_pixels)
+
+    return ReferencePromptEmbedder()
+
+
+def prepare_images(sample: Sample, resize: ResizeConfig):
+    """Decode and size the target, references and mask exactly as phase 1 encodes them."""
+    target = load_rgb(sample.image)
+    size = fit_size(*target.size, resize.max_pixels, resize.multiple)
+    target = resize_to(target, size)
+    ref_budget = resize.ref_max_pixels or resize.max_pixels
+    refs = []
+    for path in sample.edit_images:
+        ref = load_rgb(path)
+        refs.append(resize_to(ref, fit_size(*ref.size, ref_budget, resize.multiple)))
+    mask = load_mask(sample.mask) if sample.mask else None
+    return target, refs, mask
+
+
+@torch.no_grad()
+def encode_images_and_prompt(pipe, embedder, prompt: str, target: Image.Image | None, refs: list[Image.Image],
+                             mask: Image.Image | None) -> dict[str, torch.Tensor]:
+    """Everything phase 2 needs for one sample. ``target`` may be None at inference time."""
+    prompt_emb = embedder.process(pipe, prompt, edit_image=refs)["prompt_emb"][0]
+    encode = lambda img: pipe.vae.encode(pipe.preprocess_image(img))[0]  # noqa: E731
+    tensors = {"prompt_emb": prompt_emb}
+    for k, ref in enumerate(refs):
+        tensors[f"ref.{k}"] = encode(ref)
+    if target is not None:
+        tensors["target"] = encode(target)
+        tensors["white"] = encode(Image.new("RGB", target.size, (255, 255, 255)))
+        if mask is not None:
+            w, h = target.size
+            grid = mask.resize((w // 8, h // 8), Image.Resampling.BOX)
+            tensors["mask"] = torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    dataset_json: Path
+    cache_dir: Path
+    model: ModelSource
+    resize: ResizeConfig
+    model_version: str = "2511"
+    dtype: str = "auto"
+    overwrite: bool = False
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _existing_record(path: Path, content: dict) -> dict | None:
+    """The record of an already-encoded sample whose sources are unchanged, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads(f.metadata()["record"])
+    except Exception:  # a torn or foreign file: re-encode it
+        return None
+    return record if record.get("hashes") == content else None
+
+
+def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
+    """Encode the dataset into ``cfg.cache_dir``; shard across processes when run under accelerate."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    samples = load_dataset(cfg.dataset_json)
+    cfg.model.check(("text_encoder", "vae", "processor"))
+    cache_dir = Path(cfg.cache_dir)
+    identity = cache_identity(cfg.model.encoder_fingerprint(), cfg.resize)
+    identity_path = cache_dir / IDENTITY
+    if identity_path.is_file():
+        existing = json.loads(identity_path.read_text())
+        if existing != identity and not cfg.overwrite:
+            raise EditTunerError(
+                f"cache {cache_dir} was made with other encoders or resize settings:\n"
+                f"  cache: {json.dumps(existing, sort_keys=True)}\n  run:   {json.dumps(identity, sort_keys=True)}\n"
+                "Use another --cache_dir, or pass --overwrite to re-encode this one.")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_json(identity_path, identity)
+    (cache_dir / "samples").mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+
+    device = state.device
+    dtype = _resolve_dtype(cfg.dtype, device)
+    mine = samples[state.process_index::state.num_processes]
+    todo, skipped = [], 0
+    for sample in mine:
+        hashes = source_hashes(sample)
+        path = cache_dir / "samples" / sample_filename(sample.id)
+        if not cfg.overwrite and _existing_record(path, hashes) is not None:
+            skipped += 1
+        else:
+            todo.append((sample, hashes, path))
+
+    start = time.perf_counter()
+    if todo:
+        encoders = cfg.model.load_encoders(dtype=dtype, device=device)
+        pipe = make_encoding_pipe(encoders, device, dtype)
+        embedder = reference_prompt_embedder(cfg.resize.vl_pixels)
+        for sample, hashes, path in tqdm(todo, desc=f"phase 1 [{state.process_index}]", unit="sample",
+                                         disable=not progress):
+            target, refs, mask = prepare_images(sample, cfg.resize)
+            tensors = encode_images_and_prompt(pipe, embedder, sample.prompt, target, refs, mask)
+            tensors = {k: (v.to(dtype) if v.is_floating_point() and k != "mask" else v) for k, v in tensors.items()}
+            record = {"id": sample.id, "file": f"samples/{path.name}", "prompt": sample.prompt,
+                      "sources": {"image": str(sample.image), "edit_image": [str(p) for p in sample.edit_images],
+                                  "back_mask": str(sample.mask) if sample.mask else None},
+                      "hashes": hashes, "target_size": list(target.size),
+                      "shapes": {k: list(v.shape) for k, v in tensors.items()}}
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"record": json.dumps(record), "format": str(CACHE_FORMAT)})
+    elapsed = time.perf_counter() - start
+
+    state.wait_for_everyone()
+    manifest = None
+    if state.is_main_process:
+        manifest = write_manifest(cfg, samples, identity, str(dtype).replace("torch.", ""))
+    state.wait_for_everyone()
+    return {"encoded": len(todo), "skipped": skipped, "seconds": elapsed, "manifest": manifest}
+
+
+def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], identity: dict, dtype: str) -> dict:
+    cache_dir = Path(cfg.cache_dir)
+    records = []
+    for sample in samples:
+        path = cache_dir / "samples" / sample_filename(sample.id)
+        with safe_open(str(path), framework="pt") as f:
+            records.append(json.loads(f.metadata()["record"]))
+    manifest = {"format": CACHE_FORMAT, "identity": identity, "model_version": cfg.model_version,
+                "model": cfg.model.describe(), "dtype": dtype, "dataset_json": str(Path(cfg.dataset_json).resolve()),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "samples": records}
+    write_json(cache_dir / MANIFEST, manifest)
+    return manifest
+
+
+class CacheReader:
+    """Phase 2's view of a cache: checked against the run's encoders and resize settings, then read per sample."""
+
+    def __init__(self, cache_dir: str | os.PathLike, expected_resize: ResizeConfig | None = None,
+                 expected_encoders: str | None = None):
+        self.cache_dir = Path(cache_dir)
+        manifest_path = self.cache_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise EditTunerError(f"--cache_dir {self.cache_dir}: no {MANIFEST}; run `edittuner precompute` first "
+                                 "(or let it finish: the manifest is written last)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except ValueError as exc:
+            raise EditTunerError(f"{manifest_path}: corrupt manifest ({exc}); re-run `edittuner precompute`") from None
+        identity = self.manifest.get("identity", {})
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise EditTunerError(f"{manifest_path}: cache format {self.manifest.get('format')} is not "
+                                 f"{CACHE_FORMAT}; re-run `edittuner precompute` into a new --cache_dir")
+        if expected_resize is not None and identity.get("resize") != expected_resize.as_dict():
+            raise EditTunerError(f"cache {self.cache_dir} was made with resize settings {identity.get('resize')}, "
+                                 f"but this run asks for {expected_resize.as_dict()}; pass the same resize flags "
+                                 "as phase 1, or re-run phase 1 into a new --cache_dir")
+        if expected_encoders is not None and identity.get("encoders") != expected_encoders:
+            raise EditTunerError(f"cache {self.cache_dir} was made with other encoders ({identity.get('encoders')}) "
+                                 f"than this run's model ({expected_encoders}); re-run phase 1 with this model "
+                                 "into a new --cache_dir")
+        if identity.get("templates") != template_identity():
+            raise EditTunerError(f"cache {self.cache_dir} was made with other prompt templates "
+                                 f"({identity.get('templates')}, now {template_identity()}); re-run phase 1")
+        self.records = self.manifest["samples"]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.cache_dir / self.records[index]["file"]
+        try:
+            return load_file(str(path))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise EditTunerError(f"{path}: unreadable cache file ({exc}); re-run `edittuner precompute` "
+                                 "(it re-encodes missing or broken samples)") from None
+
+    def load_all(self) -> list[dict[str, torch.Tensor]]:
+        return [self.load(i) for i in range(len(self))]

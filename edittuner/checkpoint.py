@@ -1,0 +1,95 @@
+"""Checkpoints as safetensors + JSON (no pickle): LoRA, optimizer state, LR schedule and loop position.
+
+checkpoints/step-N/ is written to a temporary directory and renamed into place, so a crash during a save
+leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_dir
+from .errors import EditTunerError
+
+
+def _split_state(state, prefix: str, tensors: dict) -> object:
+    """Move every tensor of a nested state into ``tensors`` and leave a JSON-able skeleton behind."""
+    if isinstance(state, torch.Tensor):
+        key = prefix.rstrip(".")
+        tensors[key] = state.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(state, dict):
+        return {"__dict__": [[_split_state(k, f"{prefix}k{i}.", tensors), _split_state(v, f"{prefix}{i}.", tensors)]
+                             for i, (k, v) in enumerate(state.items())]}
+    if isinstance(state, (list, tuple)):
+        return {"__list__": [_split_state(v, f"{prefix}{i}.", tensors) for i, v in enumerate(state)]}
+    if isinstance(state, float) and state != state:
+        return {"__float__": "nan"}
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    raise TypeError(f"cannot store {type(state).__name__} in a checkpoint")
+
+
+def _join_state(skeleton, tensors: dict):
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {_join_state(k, tensors): _join_state(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__list__" in skeleton:
+            return [_join_state(v, tensors) for v in skeleton["__list__"]]
+        if "__float__" in skeleton:
+            return float(skeleton["__float__"])
+    return skeleton
+
+
+def save_state(directory: Path, name: str, state) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_state(state, "", tensors)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str):
+    try:
+        tensors = load_file(str(directory / f"{name}.safetensors"))
+        skeleton = json.loads((directory / f"{name}.json").read_text())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EditTunerError(f"checkpoint {directory}: cannot read {name} ({exc}); resume from an earlier one") from None
+    return _join_state(skeleton, tensors)
+
+
+def checkpoint_steps(checkpoints_dir: Path) -> list[int]:
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in checkpoints_dir.iterdir()
+                  if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "trainer_state.json").is_file())
+
+
+def write_checkpoint(checkpoints_dir: Path, step: int, write_files, keep_last: int | None = None) -> Path:
+    """``write_files(tmp_dir)`` fills a temporary directory that then becomes checkpoints/step-N."""
+    final = checkpoints_dir / f"step-{step}"
+    with atomic_dir(final) as tmp:
+        write_files(tmp)
+    if keep_last:
+        for old in checkpoint_steps(checkpoints_dir)[:-keep_last]:
+            shutil.rmtree(checkpoints_dir / f"step-{old}", ignore_errors=True)
+    return final
+
+
+def resolve_resume(spec: str, output_dir: Path) -> Path:
+    if spec == "latest":
+        steps = checkpoint_steps(output_dir / "checkpoints")
+        if not steps:
+            raise EditTunerError(f"--resume latest: no checkpoint under {output_dir / 'checkpoints'}")
+        return output_dir / "checkpoints" / f"step-{steps[-1]}"
+    path = Path(spec)
+    if not (path / "trainer_state.json").is_file():
+        raise EditTunerError(f"--resume {spec}: not a checkpoint directory (no trainer_state.json)")
+    return path

@@ -1,0 +1,180 @@
+"""`edittuner` command line: dataset, precompute, train, demo-data. Bad input exits 2 with one message."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import EditTunerError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() in ("on", "true", "1", "yes"):
+        return True
+    if text.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_dir", default="tiny",
+                       help="local Qwen-Image-Edit folder in the official layout, or 'tiny' for the built-in model")
+    group.add_argument("--tiny_seed", type=int, default=0, help="seed the tiny model is made from (default 0)")
+    for component in ("transformer", "text_encoder", "vae", "processor"):
+        group.add_argument(f"--{component}_dir", default=None,
+                           help=f"override the {component}/ folder (e.g. Qwen-Image's {component} with 2511's DiT)")
+
+
+def add_resize_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("resize (part of the cache's identity: use the same values in both phases)")
+    group.add_argument("--max_pixels", type=_positive_int, default=1024 * 1024,
+                       help="scale target images down to at most this many pixels (default 1048576 = 1024^2)")
+    group.add_argument("--multiple", type=int, default=16, help="floor width/height to a multiple of 16, 32 or 64 (default 16)")
+    group.add_argument("--ref_max_pixels", type=_positive_int, default=None,
+                       help="pixel budget for reference images (default: --max_pixels)")
+    group.add_argument("--vl_pixels", type=_positive_int, default=384 * 384,
+                       help="area references are resized to for the Qwen2.5-VL encoder (default 147456 = 384^2, as the engine)")
+
+
+def resize_from_args(args):
+    from .images import ResizeConfig
+    return ResizeConfig(max_pixels=args.max_pixels, multiple=args.multiple, ref_max_pixels=args.ref_max_pixels,
+                        vl_pixels=args.vl_pixels)
+
+
+def cmd_dataset(args) -> None:
+    from .dataset import GenerateConfig, generate_dataset_json
+    cfg = GenerateConfig(raw_dir=Path(args.raw_dir), output=Path(args.output), prompt=args.prompt,
+                         workers=args.workers, verify=args.verify, min_size=args.min_size,
+                         strict_size=args.strict_size, val_fraction=args.val_fraction, split_seed=args.split_seed)
+    print(generate_dataset_json(cfg).summary())
+
+
+def cmd_precompute(args) -> None:
+    from .cache import PrecomputeConfig, precompute_cache
+    from .models import model_source_from_args
+    cfg = PrecomputeConfig(dataset_json=Path(args.dataset_json), cache_dir=Path(args.cache_dir),
+                           model=model_source_from_args(args), resize=resize_from_args(args),
+                           model_version=args.model_version, dtype=args.cache_dtype, overwrite=args.overwrite)
+    result = precompute_cache(cfg)
+    if result["manifest"] is not None:
+        print(f"phase 1: encoded {result['encoded']}, reused {result['skipped']} -> {cfg.cache_dir} "
+              f"({len(result['manifest']['samples'])} samples, {result['seconds']:.1f} s)")
+
+
+def cmd_train(args) -> None:
+    from .models import model_source_from_args
+    from .objectives import FlowMatchConfig
+    from .trainer import TrainConfig, train
+    cfg = TrainConfig(
+        cache_dir=Path(args.cache_dir), output_dir=Path(args.output_dir), model=model_source_from_args(args),
+        model_version=args.model_version, resize=resize_from_args(args), max_steps=args.max_steps,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, rank=args.rank, alpha=args.alpha,
+        gradient_accumulation=args.gradient_accumulation, zero_cond_t=args.zero_cond_t,
+        lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None, seed=args.seed,
+        save_every=args.save_every, keep_last=args.keep_last, gradient_checkpointing=args.gradient_checkpointing,
+        mixed_precision=args.mixed_precision, resume=args.resume,
+        objective=FlowMatchConfig(min_timestep_boundary=args.min_timestep_boundary,
+                                  max_timestep_boundary=args.max_timestep_boundary,
+                                  masked_weight=args.masked_loss_weight, unmasked_weight=args.unmasked_loss_weight))
+    result = train(cfg)
+    if result["lora"]:
+        print(f"phase 2: {result['steps']} steps, final loss {result['loss']:.4f} -> {result['lora']}")
+
+
+def cmd_demo_data(args) -> None:
+    from .demo import make_demo_dataset
+    print(make_demo_dataset(Path(args.out), size=args.size))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edittuner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dataset", help="raw folder -> dataset JSON (= generate_dataset_json_mp.py)")
+    p.add_argument("--raw_dir", required=True, help="folder with target/, source/ [source_2/ source_3/ ref_gt/ mask/]")
+    p.add_argument("--output", required=True, help="dataset JSON to write")
+    p.add_argument("--prompt", default=None, help="one prompt for samples without a .txt or prompts.jsonl entry")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="processes (default: cores, max 8)")
+    p.add_argument("--verify", action="store_true", help="fully decode every image (slower; catches truncated files)")
+    p.add_argument("--min_size", type=int, default=64, help="skip images whose shorter side is below this (default 64)")
+    p.add_argument("--strict_size", action="store_true", help="also require references and ref_gt to match the target size")
+    p.add_argument("--val_fraction", type=float, default=0.0, help="fraction held out to <output>_val.json (default 0)")
+    p.add_argument("--split_seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("precompute", help="phase 1: encode prompts (with references) and latents into a cache")
+    p.add_argument("--dataset_json", required=True)
+    p.add_argument("--cache_dir", required=True)
+    p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="recorded in the manifest")
+    p.add_argument("--cache_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--overwrite", action="store_true", help="re-encode a cache made with other settings")
+    add_model_args(p)
+    add_resize_args(p)
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("train", help="phase 2: LoRA-train the DiT from a phase-1 cache")
+    p.add_argument("--cache_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="run directory (config.json, metrics.jsonl, checkpoints/, lora.safetensors)")
+    p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="preset: LoRA targets, zero_cond_t, accumulation")
+    p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate, constant after warm-up (default 1e-4)")
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables (default 1.0)")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    p.add_argument("--gradient_accumulation", type=int, default=None, help="default from the preset (2509: 1, 2511: 16)")
+    p.add_argument("--zero_cond_t", type=_on_off, default=None, help="on/off; default from the preset (2511 on, 2509 off)")
+    p.add_argument("--lora_targets", default=None, help="comma-separated module suffixes (default from the preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (default 500)")
+    p.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints")
+    p.add_argument("--gradient_checkpointing", type=_on_off, default=True, help="on/off (default on)")
+    p.add_argument("--mixed_precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), no, bf16")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--min_timestep_boundary", type=float, default=0.0)
+    p.add_argument("--max_timestep_boundary", type=float, default=1.0)
+    p.add_argument("--masked_loss_weight", type=float, default=1.0, help="loss weight inside the mask (default 1)")
+    p.add_argument("--unmasked_loss_weight", type=float, default=1.0, help="loss weight outside the mask (default 1)")
+    add_model_args(p)
+    add_resize_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo-data", help="make the demo raw folder and dataset JSON from scikit-image's sample photos")
+    p.add_argument("--out", default="data/demo")
+    p.add_argument("--size", type=int, default=96, help="side of the demo images (default 96)")
+    p.set_defaults(func=cmd_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EditTunerError as exc:
+        print(f"edittuner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edittuner {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

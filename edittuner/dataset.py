@@ -1,0 +1,258 @@
+"""Raw folder -> dataset JSON, and reading a dataset JSON back as validated samples.
+
+Raw layout (files pair by identical stem, any image extension):
+    target/      the edited result                  -> "image"
+    source/      first reference (required)         -> "edit_image"[0]
+    source_2/    optional second reference          -> "edit_image"[1]
+    source_3/    optional third reference           -> "edit_image"[2]
+    ref_gt/      optional                           -> "ref_gt"
+    mask/        optional edit mask (white = edit)  -> "back_mask"
+Prompts: target/<stem>.txt, else prompts.jsonl ({"id": stem, "prompt": ...}) in the raw folder, else --prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .atomic import write_json
+from .errors import EditTunerError
+from .images import IMAGE_EXTENSIONS, probe_image
+
+REFERENCE_ROLES = ("source", "source_2", "source_3")
+ROLES = ("target",) + REFERENCE_ROLES + ("ref_gt", "mask")
+ROW_FIELDS = {"id", "prompt", "image", "edit_image", "ref_gt", "back_mask", "width", "height"}
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    raw_dir: Path
+    output: Path
+    prompt: str | None = None
+    workers: int = 1
+    verify: bool = False
+    min_size: int = 64
+    strict_size: bool = False
+    val_fraction: float = 0.0
+    split_seed: int = 0
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise EditTunerError(f"--workers {self.workers}: must be at least 1")
+        if self.min_size < 1:
+            raise EditTunerError(f"--min_size {self.min_size}: must be at least 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise EditTunerError(f"--val_fraction {self.val_fraction}: must be in [0, 1)")
+        if not Path(self.raw_dir).is_dir():
+            raise EditTunerError(f"--raw_dir {self.raw_dir}: no such directory")
+        if not (Path(self.raw_dir) / "target").is_dir() or not (Path(self.raw_dir) / "source").is_dir():
+            raise EditTunerError(f"--raw_dir {self.raw_dir}: needs the sub-folders target/ and source/ "
+                                 "(optional: source_2/, source_3/, ref_gt/, mask/)")
+
+
+@dataclass
+class GenerateReport:
+    rows: int
+    val_rows: int
+    skipped: list[dict]
+    output: Path
+    val_output: Path | None
+    skipped_output: Path
+
+    def summary(self) -> str:
+        reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
+        lines = [f"wrote {self.rows} samples to {self.output}"]
+        if self.val_output:
+            lines.append(f"wrote {self.val_rows} validation samples to {self.val_output}")
+        lines.append(f"skipped {len(self.skipped)} samples (details in {self.skipped_output})")
+        lines += [f"  {count:6d}  {reason}" for reason, count in sorted(reasons.items())]
+        return "\n".join(lines)
+
+
+def _index_folder(folder: Path) -> dict[str, list[Path]]:
+    by_stem: dict[str, list[Path]] = {}
+    if folder.is_dir():
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    by_stem.setdefault(os.path.splitext(entry.name)[0], []).append(Path(entry.path))
+    return by_stem
+
+
+def _read_prompts_jsonl(path: Path) -> dict[str, str]:
+    prompts = {}
+    if not path.is_file():
+        return prompts
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompts[str(record["id"])] = str(record["prompt"])
+            except (ValueError, KeyError, TypeError):
+                raise EditTunerError(f"{path}, line {number}: expected a JSON object with \"id\" and \"prompt\"") from None
+    return prompts
+
+
+def _check_sample(task: tuple) -> tuple[dict | None, str | None]:
+    """Validate one sample's files (in a worker process). Returns (row, None) or (None, reason)."""
+    stem, paths, prompt, out_dir, verify, min_size, strict_size = task
+    if "source" not in paths:
+        return None, "missing partner: no source/ image with this stem"
+    for role, candidates in paths.items():
+        if len(candidates) > 1:
+            return None, f"ambiguous: {role}/ has several files named {stem}.*"
+    if not prompt or not prompt.strip():
+        return None, "empty prompt: no target/<stem>.txt, prompts.jsonl entry or --prompt"
+    infos = {}
+    for role, candidates in paths.items():
+        try:
+            infos[role] = probe_image(candidates[0], verify=verify)
+        except EditTunerError as exc:
+            return None, f"unreadable: {exc}"
+    target = infos["target"]
+    for role, info in infos.items():
+        if min(info.width, info.height) < min_size:
+            return None, f"too small: {role}/{paths[role][0].name} is {info.width}x{info.height} (< --min_size {min_size})"
+    must_match = ["mask"] + (["ref_gt", *REFERENCE_ROLES] if strict_size else [])
+    for role in must_match:
+        if role in infos and (infos[role].width, infos[role].height) != (target.width, target.height):
+            return None, (f"size mismatch: {role}/{paths[role][0].name} is {infos[role].width}x{infos[role].height}, "
+                          f"target is {target.width}x{target.height}")
+    rel = lambda role: os.path.relpath(paths[role][0], out_dir) if role in paths else None  # noqa: E731
+    row = {"id": stem, "prompt": prompt.strip(), "image": rel("target"),
+           "edit_image": [rel(role) for role in REFERENCE_ROLES if role in paths],
+           "ref_gt": rel("ref_gt"), "back_mask": rel("mask"), "width": target.width, "height": target.height}
+    return row, None
+
+
+def _tasks(cfg: GenerateConfig, index: dict[str, dict[str, list[Path]]], prompts: dict[str, str], out_dir: Path):
+    for stem in sorted(index["target"]):
+        paths = {role: index[role][stem] for role in ROLES if stem in index[role]}
+        txt = Path(cfg.raw_dir) / "target" / f"{stem}.txt"
+        prompt = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else prompts.get(stem, cfg.prompt)
+        yield stem, paths, prompt, out_dir, cfg.verify, cfg.min_size, cfg.strict_size
+
+
+def generate_dataset_json(cfg: GenerateConfig, progress: bool = True) -> GenerateReport:
+    raw = Path(cfg.raw_dir)
+    output = Path(cfg.output).resolve()
+    out_dir = output.parent
+    index = {role: _index_folder(raw / role) for role in ROLES}
+    prompts = _read_prompts_jsonl(raw / "prompts.jsonl")
+    rows, skipped = [], []
+    for stem in sorted(set().union(*(index[r] for r in ROLES[1:])) - set(index["target"])):
+        skipped.append({"id": stem, "reason": "missing partner: no target/ image with this stem"})
+    total = len(index["target"])
+    tasks = _tasks(cfg, index, prompts, out_dir)
+    bar = tqdm(total=total, desc="checking samples", unit="sample", disable=not progress)
+    ctx = get_context("fork" if os.name == "posix" else "spawn")
+    pool = ctx.Pool(cfg.workers) if cfg.workers > 1 else None
+    try:
+        results = pool.imap(_check_sample, tasks, chunksize=64) if pool else map(_check_sample, tasks)
+        for stem, (row, reason) in zip(sorted(index["target"]), results):
+            bar.update()
+            if row is None:
+                skipped.append({"id": stem, "reason": reason})
+            else:
+                rows.append(row)
+    finally:
+        bar.close()
+        if pool:
+            pool.close()
+            pool.join()
+    skipped.sort(key=lambda s: s["id"])
+
+    val_rows: list[dict] = []
+    if cfg.val_fraction > 0 and len(rows) > 1:
+        order = list(range(len(rows)))
+        random.Random(cfg.split_seed).shuffle(order)
+        n_val = max(1, round(len(rows) * cfg.val_fraction))
+        val_ids = set(order[:n_val])
+        val_rows = [r for i, r in enumerate(rows) if i in val_ids]
+        rows = [r for i, r in enumerate(rows) if i not in val_ids]
+    write_json(output, rows)
+    val_output = output.with_name(output.stem + "_val.json") if val_rows else None
+    if val_output:
+        write_json(val_output, val_rows)
+    skipped_output = output.with_name(output.stem + "_skipped.json")
+    write_json(skipped_output, skipped)
+    return GenerateReport(len(rows), len(val_rows), skipped, output, val_output, skipped_output)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a dataset JSON.
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    prompt: str
+    image: Path
+    edit_images: tuple[Path, ...]
+    mask: Path | None = None
+    ref_gt: Path | None = None
+
+    def files(self) -> list[Path]:
+        return [self.image, *self.edit_images] + [p for p in (self.mask, self.ref_gt) if p is not None]
+
+
+def load_dataset(path: str | os.PathLike) -> list[Sample]:
+    """Read and validate a dataset JSON; paths are relative to the JSON's folder unless absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise EditTunerError(f"dataset JSON {path}: no such file; make one with `edittuner dataset --raw_dir ...`")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EditTunerError(f"dataset JSON {path}: not valid JSON ({exc})") from None
+    if not isinstance(rows, list) or not rows:
+        raise EditTunerError(f"dataset JSON {path}: expected a non-empty list of samples")
+    base = path.parent
+    samples, seen = [], {}
+
+    def file_field(number, name, value):
+        if not isinstance(value, str) or not value:
+            raise EditTunerError(f"{path}, row {number}: \"{name}\" must be a file path, got {value!r}")
+        resolved = (base / value) if not os.path.isabs(value) else Path(value)
+        if not resolved.is_file():
+            raise EditTunerError(f"{path}, row {number}: \"{name}\" file {resolved} does not exist; "
+                                 "fix the path or regenerate the dataset JSON")
+        return resolved
+
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise EditTunerError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
+        unknown = set(row) - ROW_FIELDS
+        if unknown:
+            raise EditTunerError(f"{path}, row {number}: unknown field(s) {sorted(unknown)}; "
+                                 f"allowed: {sorted(ROW_FIELDS)}")
+        for required in ("prompt", "image", "edit_image"):
+            if required not in row:
+                raise EditTunerError(f"{path}, row {number}: missing field \"{required}\"")
+        prompt = row["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EditTunerError(f"{path}, row {number}: empty prompt; write the edit instruction in \"prompt\"")
+        edits = row["edit_image"]
+        edits = [edits] if isinstance(edits, str) else edits
+        if not isinstance(edits, list) or not 1 <= len(edits) <= 3:
+            raise EditTunerError(f"{path}, row {number}: \"edit_image\" must list 1 to 3 reference images")
+        image = file_field(number, "image", row["image"])
+        sample_id = str(row.get("id") or image.stem)
+        if sample_id in seen:
+            raise EditTunerError(f"{path}, rows {seen[sample_id]} and {number}: duplicate sample id {sample_id!r}; "
+                                 "give each row a unique \"id\"")
+        seen[sample_id] = number
+        samples.append(Sample(
+            id=sample_id, prompt=prompt.strip(), image=image,
+            edit_images=tuple(file_field(number, f"edit_image[{i}]", e) for i, e in enumerate(edits)),
+            mask=file_field(number, "back_mask", row["back_mask"]) if row.get("back_mask") else None,
+            ref_gt=file_field(number, "ref_gt", row["ref_gt"]) if row.get("ref_gt") else None))
+    return samples

@@ -1,0 +1,116 @@
+"""Reading images safely and the resize rules shared by phase 1, sampling and the dataset generator."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from .errors import EditTunerError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+# Refuse anything that declares more pixels than this before decoding it (decompression bombs).
+MAX_DECLARED_PIXELS = 16384 * 16384
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    mode: str
+
+
+def probe_image(path: str | os.PathLike, verify: bool = False) -> ImageInfo:
+    """Read an image's header (and with ``verify`` decode every pixel); raise EditTunerError if unusable."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise EditTunerError(f"{path}: the file is empty (0 bytes); replace or remove it")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                mode = img.mode
+                if width * height > MAX_DECLARED_PIXELS:
+                    raise EditTunerError(
+                        f"{path}: declares {width}x{height} pixels, over the limit of {MAX_DECLARED_PIXELS}; "
+                        "downscale it or remove it")
+                if verify:
+                    img.load()
+    except EditTunerError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise EditTunerError(f"{path}: unreadable image ({exc}); replace or remove it") from None
+    return ImageInfo(width, height, mode)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image fully as RGB, applying its EXIF orientation."""
+    probe_image(path)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit greyscale: scale to 8 bits instead of clipping.
+                img = img.point(lambda v: v / 256).convert("L")
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            return img.convert("RGB")
+    except OSError as exc:
+        raise EditTunerError(f"{path}: unreadable image ({exc}); replace or remove it") from None
+
+
+def load_mask(path: str | os.PathLike) -> Image.Image:
+    """A mask as single-channel 8-bit: white (255) marks the region the edit changes."""
+    return load_rgb(path).convert("L")
+
+
+@dataclass(frozen=True)
+class ResizeConfig:
+    """How phase 1 sizes images. Every field is part of the cache's identity.
+
+    max_pixels: target (and by default reference) images larger than this are scaled down, keeping aspect.
+    multiple: width and height are then floored to a multiple of this (16 is what the DiT needs: VAE /8, patch 2).
+    ref_max_pixels: pixel budget for references fed to the VAE/DiT (None = max_pixels).
+    vl_pixels: area the references are resized to for the Qwen2.5-VL encoder (the engine uses 384*384).
+    """
+
+    max_pixels: int = 1024 * 1024
+    multiple: int = 16
+    ref_max_pixels: int | None = None
+    vl_pixels: int = 384 * 384
+
+    def __post_init__(self):
+        if self.multiple not in (16, 32, 64):
+            raise EditTunerError(f"--multiple {self.multiple}: must be 16, 32 or 64 (the DiT needs multiples of 16)")
+        if self.max_pixels < self.multiple ** 2:
+            raise EditTunerError(f"--max_pixels {self.max_pixels}: must be at least {self.multiple ** 2}")
+        if self.ref_max_pixels is not None and self.ref_max_pixels < self.multiple ** 2:
+            raise EditTunerError(f"--ref_max_pixels {self.ref_max_pixels}: must be at least {self.multiple ** 2}")
+        if not 28 * 28 <= self.vl_pixels <= 4096 * 4096:
+            raise EditTunerError(f"--vl_pixels {self.vl_pixels}: must be between {28 * 28} and {4096 * 4096}")
+
+    def as_dict(self) -> dict:
+        return {"max_pixels": self.max_pixels, "multiple": self.multiple,
+                "ref_max_pixels": self.ref_max_pixels, "vl_pixels": self.vl_pixels}
+
+
+def fit_size(width: int, height: int, max_pixels: int, multiple: int) -> tuple[int, int]:
+    """Scale (width, height) down to at most ``max_pixels`` keeping aspect, then floor to ``multiple``."""
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    w = max(multiple, int(width * scale) // multiple * multiple)
+    h = max(multiple, int(height * scale) // multiple * multiple)
+    return w, h
+
+
+def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    if image.size == size:
+        return image
+    return image.resize(size, Image.Resampling.LANCZOS if image.mode != "L" else Image.Resampling.BILINEAR)
