@@ -87,13 +87,17 @@ def cmd_train(args) -> None:
         gradient_accumulation=args.gradient_accumulation, zero_cond_t=args.zero_cond_t,
         lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, gradient_checkpointing=args.gradient_checkpointing,
-        mixed_precision=args.mixed_precision, resume=args.resume,
+        mixed_precision=args.mixed_precision, resume=args.resume, eval_samples=args.eval_samples,
+        eval_every=args.eval_every,
         objective=FlowMatchConfig(min_timestep_boundary=args.min_timestep_boundary,
                                   max_timestep_boundary=args.max_timestep_boundary,
                                   masked_weight=args.masked_loss_weight, unmasked_weight=args.unmasked_loss_weight))
     result = train(cfg)
     if result["lora"]:
-        print(f"phase 2: {result['steps']} steps, final loss {result['loss']:.4f} -> {result['lora']}")
+        evals = ""
+        if result.get("eval_loss_start") is not None:
+            evals = f", fixed-noise eval loss {result['eval_loss_start']:.4f} -> {result['eval_loss_end']:.4f}"
+        print(f"phase 2: {result['steps']} steps{evals} -> {result['lora']}")
 
 
 def cmd_demo_data(args) -> None:
@@ -148,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", type=_on_off, default=True, help="on/off (default on)")
     p.add_argument("--mixed_precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), no, bf16")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--eval_samples", type=int, default=8, help="cache samples in the fixed-noise eval loss (default 8)")
+    p.add_argument("--eval_every", type=int, default=0, help="log the eval loss every N steps (0: start and end only)")
     p.add_argument("--min_timestep_boundary", type=float, default=0.0)
     p.add_argument("--max_timestep_boundary", type=float, default=1.0)
     p.add_argument("--masked_loss_weight", type=float, default=1.0, help="loss weight inside the mask (default 1)")

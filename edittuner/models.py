@@ -102,7 +102,7 @@ REQUIRED_FILES = {
     "transformer": ["config.json", ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors")],
     "text_encoder": ["config.json", ("model.safetensors.index.json", "model.safetensors")],
     "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
-    "processor": ["preprocessor_config.json", ("tokenizer.json", "vocab.json")],
+    "processor": [("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "vocab.json")],
 }
 
 

@@ -24,7 +24,8 @@ from .errors import EditTunerError
 from .images import ResizeConfig
 from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
 from .models import ModelSource
-from .objectives import DiTDenoiser, FlowMatchConfig, dit_conditioning, flow_matching_loss, training_scheduler
+from .objectives import (DiTDenoiser, FlowMatchConfig, dit_conditioning, fixed_noise_loss, flow_matching_loss,
+                         training_scheduler)
 from .tracking import MetricsLog
 
 
@@ -52,6 +53,8 @@ class TrainConfig:
     mixed_precision: str = "auto"
     objective: FlowMatchConfig = field(default_factory=FlowMatchConfig)
     resume: str | None = None
+    eval_samples: int = 8
+    eval_every: int = 0
 
     def __post_init__(self):
         if self.model_version not in PRESETS:
@@ -72,6 +75,8 @@ class TrainConfig:
                   (self.max_grad_norm >= 0, f"--max_grad_norm {self.max_grad_norm}: must be >= 0 (0 disables clipping)"),
                   (self.mixed_precision in ("auto", "no", "bf16"),
                    f"--mixed_precision {self.mixed_precision}: choose auto, no or bf16"),
+                  (self.eval_samples >= 0, f"--eval_samples {self.eval_samples}: must be >= 0"),
+                  (self.eval_every >= 0, f"--eval_every {self.eval_every}: must be >= 0 (0: only at start and end)"),
                   (self.keep_last is None or self.keep_last >= 1, f"--keep_last {self.keep_last}: must be >= 1")]
         for ok, message in checks:
             if not ok:
@@ -169,6 +174,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             "cache_samples": len(reader), "lora_modules": len(params) // 2}})
     metrics = MetricsLog(output_dir / "metrics.jsonl", truncate_after_step=start_step) if accelerator.is_main_process else None
 
+    eval_set = [reader.load(i) for i in range(min(cfg.eval_samples, len(reader)))]
+
+    def evaluate() -> float | None:
+        if not eval_set:
+            return None
+        with accelerator.autocast():
+            return fixed_noise_loss(denoiser, scheduler, eval_set, accelerator.device, weight_dtype, cfg.zero_cond_t,
+                                    cfg.objective)
+
+    eval_start = evaluate()
     world, rank = accelerator.num_processes, accelerator.process_index
     ga = cfg.gradient_accumulation
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="phase 2", unit="step",
@@ -206,10 +221,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             optimizer.zero_grad(set_to_none=True)
             last_loss = float(accelerator.reduce(total / ga, reduction="mean"))
             step_time = time.perf_counter() - step_start
+            record = {"step": step + 1, "loss": last_loss, "lr": lr_schedule.get_last_lr()[0],
+                      "grad_norm": grad_norm, "step_time_s": step_time, "samples_per_s": ga * world / step_time}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                record["eval_loss"] = evaluate()
             if metrics:
-                metrics.log({"step": step + 1, "loss": last_loss, "lr": lr_schedule.get_last_lr()[0],
-                             "grad_norm": grad_norm, "step_time_s": step_time,
-                             "samples_per_s": ga * world / step_time})
+                metrics.log(record)
             bar.update()
             bar.set_postfix(loss=f"{last_loss:.4f}")
             done = step + 1
@@ -227,7 +244,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                   f"(or --resume {output_dir / 'checkpoints' / f'step-{done}'})")
         return {"steps": done, "loss": last_loss, "lora": None, "stopped": True}
     lora_path = output_dir / "lora.safetensors"
+    summary = {"steps": cfg.max_steps, "loss": last_loss, "eval_loss_start": eval_start, "eval_loss_end": evaluate(),
+               "lora": str(lora_path), "stopped": False}
     if accelerator.is_main_process:
         save_lora(lora_path, lora_state_dict(dit, cfg.rank, cfg.alpha), metadata)
+        write_json(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
-    return {"steps": cfg.max_steps, "loss": last_loss, "lora": str(lora_path), "stopped": False}
+    return summary

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Qwen-Image-Edit-2509 LoRA: phase 1 + phase 2. Variables: see README.md. Extra arguments go to `edittuner train`.
+PRESET=2509 exec "$(dirname "$0")/scripts/launch.sh" "$@"

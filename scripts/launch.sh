@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Shared body of the Qwen-Image-Edit-*.sh launchers: phase 1 (precompute), then phase 2 (train).
+# Every knob is an environment variable; see README.md ("Launcher variables").
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PRESET="${PRESET:?set PRESET to 2509 or 2511}"
+NAME="Qwen-Image-Edit-${PRESET}"
+
+fail() { echo "${NAME}.sh: error: $*" >&2; exit 2; }
+is_int() { [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "${3:-1}" ] || fail "$1=$2 must be an integer >= ${3:-1}"; }
+is_num() { [[ "$2" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || fail "$1=$2 must be a positive number"; }
+
+if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"; else PYTHON="${PYTHON:-python3}"; fi
+
+MODEL_DIR="${MODEL_DIR:-}"
+if [ -z "$MODEL_DIR" ]; then
+  echo "${NAME}: no MODEL_DIR set - running on the built-in tiny model with the demo dataset (set MODEL_DIR=/path/to/${NAME} for real weights)"
+  MODEL_ARGS=(--model_dir tiny)
+  DATASET_JSON="${DATASET_JSON:-data/demo/dataset.json}"
+  # Tiny-model defaults: small images and a high learning rate so the demo learns in a minute on a CPU.
+  STEPS="${STEPS:-60}"; LR="${LR:-5e-3}"; RANK="${RANK:-8}"; GRAD_ACCUM="${GRAD_ACCUM:-2}"
+  MAX_PIXELS="${MAX_PIXELS:-9216}"; SAVE_EVERY="${SAVE_EVERY:-30}"
+else
+  [ -d "$MODEL_DIR" ] || fail "MODEL_DIR=$MODEL_DIR is not a directory"
+  echo "${NAME}: model directory $MODEL_DIR"
+  MODEL_ARGS=(--model_dir "$MODEL_DIR")
+  for c in TRANSFORMER TEXT_ENCODER VAE PROCESSOR; do
+    v="${c}_DIR"; lower="$(echo "$c" | tr 'A-Z' 'a-z')"
+    if [ -n "${!v:-}" ]; then [ -d "${!v}" ] || fail "$v=${!v} is not a directory"; MODEL_ARGS+=("--${lower}_dir" "${!v}"); fi
+  done
+  DATASET_JSON="${DATASET_JSON:?set DATASET_JSON to your dataset JSON (make one with generate_dataset_json_mp.py)}"
+  STEPS="${STEPS:-1000}"; LR="${LR:-1e-4}"; RANK="${RANK:-32}"; GRAD_ACCUM="${GRAD_ACCUM:-}"
+  MAX_PIXELS="${MAX_PIXELS:-1048576}"; SAVE_EVERY="${SAVE_EVERY:-250}"
+fi
+CACHE_DIR="${CACHE_DIR:-data/cache/$(basename "$(dirname "$DATASET_JSON")")-$(basename "$DATASET_JSON" .json)}"
+OUTPUT_DIR="${OUTPUT_DIR:-train/${NAME}_lora}"
+NUM_PROCESSES="${NUM_PROCESSES:-1}"
+SEED="${SEED:-0}"
+export WANDB_PROJECT="${WANDB_PROJECT:-qwen-image}"
+export WANDB_NAME="${WANDB_NAME:-$(basename "$OUTPUT_DIR")}"
+if [ -z "${ACCELERATE_CONFIG:-}" ]; then
+  if [ "$NUM_PROCESSES" = 1 ]; then ACCELERATE_CONFIG=accelerate_configs/single.yaml; else ACCELERATE_CONFIG=accelerate_configs/ddp.yaml; fi
+fi
+
+# Validate everything before any work starts.
+is_int STEPS "$STEPS"; is_num LR "$LR"; is_int RANK "$RANK"; is_int NUM_PROCESSES "$NUM_PROCESSES"
+is_int SEED "$SEED" 0; is_int MAX_PIXELS "$MAX_PIXELS"; is_int SAVE_EVERY "$SAVE_EVERY"
+[ -z "$GRAD_ACCUM" ] || is_int GRAD_ACCUM "$GRAD_ACCUM"
+[ -f "$ACCELERATE_CONFIG" ] || fail "ACCELERATE_CONFIG=$ACCELERATE_CONFIG: no such file (see accelerate_configs/)"
+if [ ! -f "$DATASET_JSON" ] && [ -z "$MODEL_DIR" ] && [ "$DATASET_JSON" = data/demo/dataset.json ]; then
+  "$PYTHON" -m edittuner demo-data --out data/demo
+fi
+[ -f "$DATASET_JSON" ] || fail "DATASET_JSON=$DATASET_JSON: no such file"
+
+RESIZE_ARGS=(--max_pixels "$MAX_PIXELS")
+LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" -m edittuner)
+
+echo "== phase 1: encoding $DATASET_JSON into $CACHE_DIR"
+"${LAUNCH[@]}" precompute --dataset_json "$DATASET_JSON" --cache_dir "$CACHE_DIR" --model_version "$PRESET" \
+  "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}"
+
+echo "== phase 2: training the DiT LoRA into $OUTPUT_DIR"
+TRAIN_ARGS=(--cache_dir "$CACHE_DIR" --output_dir "$OUTPUT_DIR" --model_version "$PRESET" --max_steps "$STEPS"
+  --learning_rate "$LR" --rank "$RANK" --seed "$SEED" --save_every "$SAVE_EVERY")
+[ -z "$GRAD_ACCUM" ] || TRAIN_ARGS+=(--gradient_accumulation "$GRAD_ACCUM")
+"${LAUNCH[@]}" train "${TRAIN_ARGS[@]}" "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}" "$@"

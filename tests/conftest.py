@@ -1,0 +1,56 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(1)
+
+TINY_PIXELS = 96 * 96
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from edittuner.demo import make_demo_dataset
+    out = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(out, size=96)
+    return out
+
+
+@pytest.fixture(scope="session")
+def resize():
+    from edittuner.images import ResizeConfig
+    return ResizeConfig(max_pixels=TINY_PIXELS)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_dir, resize, tmp_path_factory):
+    from edittuner.cache import PrecomputeConfig, precompute_cache
+    from edittuner.models import ModelSource
+    cache = tmp_path_factory.mktemp("cache")
+    precompute_cache(PrecomputeConfig(dataset_json=demo_dir / "dataset.json", cache_dir=cache,
+                                      model=ModelSource(), resize=resize), progress=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_cache, resize, tmp_path_factory):
+    """A short 2511 run on the demo cache, shared by the tests that inspect a finished run."""
+    from edittuner.trainer import TrainConfig, train
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(cache_dir=demo_cache, output_dir=out, resize=resize, max_steps=40, learning_rate=5e-3,
+                      rank=8, gradient_accumulation=2, save_every=20, gradient_checkpointing=False)
+    result = train(cfg, progress=False)
+    return out, result, cfg
+
+
+def run_cli(*args, env=None, cwd=ROOT):
+    import subprocess
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edittuner", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd)
