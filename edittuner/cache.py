@@ -184,7 +184,9 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
     state.wait_for_everyone()
     if state.is_main_process:
         write_json(identity_path, identity)
-    (cache_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (cache_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for stale in (cache_dir / "samples").glob(".*.tmp"):  # left by a run killed mid-write
+            stale.unlink(missing_ok=True)
     state.wait_for_everyone()
 
     device = state.device

@@ -37,9 +37,10 @@ PRESETS = {
                    gradient_accumulation=16),
 }
 
-# In the last block the text stream's outputs are thrown away (only image tokens reach proj_out), so LoRA
-# there would get no gradient and force DDP's find_unused_parameters.
-DEAD_END_IN_LAST_BLOCK = ("attn.to_add_out", "txt_mlp.net.2")
+# In the last block the text stream's outputs are thrown away (only image tokens reach proj_out). The text
+# queries only make text outputs, so add_q_proj is a dead end there too (text keys and values still reach the
+# image through attention). LoRA on these would get no gradient and force DDP's find_unused_parameters.
+DEAD_END_IN_LAST_BLOCK = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.2")
 
 
 def lora_module_names(dit: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:

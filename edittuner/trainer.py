@@ -130,6 +130,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     reader = CacheReader(cfg.cache_dir, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint())
     weight_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
     dit = cfg.model.load_dit(dtype=weight_dtype, device=accelerator.device)
+    torch.manual_seed(cfg.seed)  # LoRA's initial A matrices come from the global RNG
     inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
     dit.to(accelerator.device)
     params = [p for _, p in lora_parameters(dit)]
@@ -145,7 +146,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         trainer_state = json.loads((resume_dir / "trainer_state.json").read_text())
         set_lora_state(dit, load_lora_file(resume_dir / "lora.safetensors"), cfg.rank, cfg.alpha)
         optimizer.load_state_dict(load_state(resume_dir, "optimizer"))
-        lr_schedule.load_state_dict(trainer_state["lr_schedule"])
+        # The schedule's lambda is code, not state: load the counters only.
+        lr_schedule.load_state_dict({**trainer_state["lr_schedule"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         start_step = trainer_state["step"]
 
     metadata = {"format": "diffsynth", "base_model": f"Qwen-Image-Edit-{cfg.model_version}",
