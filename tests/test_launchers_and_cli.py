@@ -1,0 +1,109 @@
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, TINY_PIXELS, run_cli
+
+PACKAGE = ROOT / "edittuner"
+
+
+def _launch(script, tmp_path, **env):
+    base = {"DATASET_JSON": str(tmp_path / "demo/dataset.json"), "CACHE_DIR": str(tmp_path / "cache"),
+            "OUTPUT_DIR": str(tmp_path / "run"), "STEPS": "30", "NUM_PROCESSES": "1"}
+    return subprocess.run(["bash", str(ROOT / script)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **base, **env}, timeout=600)
+
+
+@pytest.mark.parametrize("script, preset", [("Qwen-Image-Edit-2511.sh", "2511"), ("Qwen-Image-Edit-2509.sh", "2509")])
+def test_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path, script, preset):
+    import shutil
+    shutil.copytree(demo_dir, tmp_path / "demo")
+    result = _launch(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tiny model" in result.stdout.splitlines()[0]
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["model_version"] == preset and config["zero_cond_t"] is (preset == "2511")
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["eval_loss_end"] < 0.85 * summary["eval_loss_start"], summary
+    assert (tmp_path / "run/lora.safetensors").is_file()
+    assert json.loads((tmp_path / "cache/manifest.json").read_text())["model_version"] == preset
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"STEPS": "ten"}, "STEPS=ten must be an integer"),
+    ({"LR": "-1"}, "LR=-1 must be a positive number"),
+    ({"MODEL_DIR": "/no/such/model"}, "MODEL_DIR=/no/such/model is not a directory"),
+    ({"ACCELERATE_CONFIG": "nope.yaml"}, "ACCELERATE_CONFIG=nope.yaml"),
+    ({"DATASET_JSON": "/no/such.json"}, "DATASET_JSON=/no/such.json: no such file"),
+])
+def test_bad_launcher_variable_fails_before_any_work(tmp_path, env, message):
+    result = _launch("Qwen-Image-Edit-2511.sh", tmp_path, **env)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "phase 1" not in result.stdout and not (tmp_path / "cache").exists()
+
+
+def _one_clean_error(result, *needles):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert all(n in result.stderr for n in needles), result.stderr
+
+
+def test_cli_bad_inputs_get_one_clear_message(demo_dir, demo_cache, tmp_path):
+    # unreadable / zero-byte image in a dataset row
+    bad = tmp_path / "zero.png"; bad.write_bytes(b"")
+    src = tmp_path / "src.png"; Image.new("RGB", (64, 64)).save(src)
+    (tmp_path / "ds.json").write_text(json.dumps([{"prompt": "p", "image": "zero.png", "edit_image": ["src.png"]}]))
+    _one_clean_error(run_cli("precompute", "--dataset_json", tmp_path / "ds.json", "--cache_dir", tmp_path / "c"),
+                     "zero.png", "empty")
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    # missing reference file
+    (tmp_path / "ds2.json").write_text(json.dumps([{"prompt": "p", "image": "src.png", "edit_image": ["gone.png"]}]))
+    _one_clean_error(run_cli("precompute", "--dataset_json", tmp_path / "ds2.json", "--cache_dir", tmp_path / "c"),
+                     "row 0", "gone.png")
+    # cache made with other resize settings
+    _one_clean_error(run_cli("train", "--cache_dir", demo_cache, "--output_dir", tmp_path / "r", "--max_pixels", "4096"),
+                     "resize settings")
+    assert not (tmp_path / "r").exists()
+    # cache made with other encoders
+    _one_clean_error(run_cli("train", "--cache_dir", demo_cache, "--output_dir", tmp_path / "r",
+                             "--max_pixels", TINY_PIXELS, "--tiny_seed", "3"), "other encoders")
+    # model directory with missing files
+    (tmp_path / "model/transformer").mkdir(parents=True)
+    _one_clean_error(run_cli("train", "--cache_dir", demo_cache, "--output_dir", tmp_path / "r",
+                             "--max_pixels", TINY_PIXELS, "--model_dir", tmp_path / "model"),
+                     "missing files", "transformer/config.json")
+    # out-of-range flags
+    _one_clean_error(run_cli("train", "--cache_dir", demo_cache, "--output_dir", tmp_path / "r", "--rank", "0"), "--rank 0")
+    _one_clean_error(run_cli("precompute", "--dataset_json", demo_dir / "dataset.json", "--cache_dir", tmp_path / "c",
+                             "--multiple", "24"), "--multiple 24")
+    _one_clean_error(run_cli("dataset", "--raw_dir", tmp_path / "nothing", "--output", tmp_path / "o.json"), "--raw_dir")
+
+
+def test_failed_run_keeps_existing_files(demo_cache, tmp_path, trained_run):
+    """A run that fails (bad flag after the run dir exists) leaves the user's earlier LoRA untouched."""
+    out, _, _ = trained_run
+    before = (out / "lora.safetensors").read_bytes()
+    result = run_cli("train", "--cache_dir", demo_cache, "--output_dir", out, "--max_pixels", "4096")
+    assert result.returncode == 2 and (out / "lora.safetensors").read_bytes() == before
+
+
+def test_generate_dataset_json_script_is_the_cli(demo_dir, tmp_path):
+    result = subprocess.run(["python", str(ROOT / "generate_dataset_json_mp.py"), "--raw_dir", demo_dir / "raw",
+                             "--output", tmp_path / "x.json", "--workers", "2", "--min_size", "32"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads((tmp_path / "x.json").read_text())) == 8
+
+
+def test_no_unsafe_loads_in_the_package():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"pickle\.loads?\(|torch\.load\(", line) and "weights_only=True" not in line:
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offenders, offenders
