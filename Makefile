@@ -14,8 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m edittuner demo-data --out data/demo
-	./Qwen-Image-Edit-2511.sh
+	./Qwen-Image-Edit-2511.sh   # makes data/demo on first use
 
 test: install
 	$(PY) -m pytest -n 2 tests
