@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from edittuner.cache import (CacheReader, PrecomputeConfig, encode_images_and_prompt, make_encoding_pipe,
-                             precompute_cache, prepare_images, sample_filename)
+from edittuner.cache import (CacheReader, PrecomputeConfig, make_encoding_pipe, precompute_cache,
+                             prepare_images)
 from edittuner.dataset import load_dataset
 from edittuner.errors import EditTunerError
 from edittuner.images import ResizeConfig

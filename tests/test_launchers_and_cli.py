@@ -107,3 +107,25 @@ def test_no_unsafe_loads_in_the_package():
             if re.search(r"pickle\.loads?\(|torch\.load\(", line) and "weights_only=True" not in line:
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(demo_cache, tmp_path):
+    import signal
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "edittuner", "train", "--cache_dir", str(demo_cache), "--output_dir", str(out),
+           "--max_pixels", str(TINY_PIXELS), "--max_steps", "100000", "--rank", "4", "--gradient_accumulation", "1",
+           "--save_every", "100000", "--eval_samples", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "metrics.jsonl").exists() or
+                                       len((out / "metrics.jsonl").read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "--resume latest" in stdout
+    steps = [p.name for p in (out / "checkpoints").iterdir()]
+    last_logged = len((out / "metrics.jsonl").read_text().splitlines())
+    assert steps == [f"step-{last_logged}"] and not (out / "lora.safetensors").exists()
