@@ -7,6 +7,7 @@ weighted by the scheduler's training weight at its timestep.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,3 +109,151 @@ def fixed_noise_loss(denoiser: Callable, scheduler: FlowMatchScheduler, samples:
                 torch.manual_seed(seed + i * draws + d)
                 total += float(flow_matching_loss(denoiser, scheduler, x0, conditioning, cfg, mask))
     return total / (len(samples) * draws)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent Bridge Matching (Chadebec et al. 2025, arXiv 2503.07535).
+#
+# Bridge time t in [0, 1]: t = 0 is the start latent z0 (the first reference, or the white image for the sub
+# stream), t = 1 is the target z1. The Brownian bridge with noise level sigma is
+#     z_t = (1 - t) z0 + t z1 + sigma * sqrt(t (1 - t)) * eps.
+# Mapping onto the engine: its flow-matching sigma is s = 1 - t (s = 1 where the path starts), the DiT's
+# timestep input is 1000 * s, and the DiT predicts d z / d s, the engine's "noise - x0" direction. With
+# sigma = 0 the bridge *is* the engine's flow matching with the noise replaced by z0, and the target is z0 - z1.
+# Regression target (the bridge drift in the engine's sign):
+#     u*(z_t, t) = (z_t - z1) / (1 - t) = (z0 - z1) + sigma * sqrt(t / (1 - t)) * eps
+# chosen because the sampler needs E[z1 | z_t] = z_t - (1 - t) u, which this target estimates without bias
+# (regressing the clean z0 - z1 instead would bias it whenever sigma > 0).
+
+BRIDGE_T_MAX = 1.0 - 1e-3  # keep (1 - t) away from 0, where the target's noise term sqrt(t/(1-t)) blows up
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    sigma: float = 0.01
+    sub_stream_probability: float = 0.1
+    timestep_sampling: str = "discrete"           # uniform | logit_normal | discrete
+    discrete_timesteps: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    discrete_probabilities: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    main_stream_references: bool = True
+    normalize_velocity: bool = False
+    masked_weight: float = 1.0
+    unmasked_weight: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.sigma <= 1:
+            raise EditTunerError(f"--bridge_sigma {self.sigma}: must be in [0, 1]")
+        if not 0 <= self.sub_stream_probability <= 1:
+            raise EditTunerError(f"--sub_stream_probability {self.sub_stream_probability}: must be in [0, 1]")
+        if self.timestep_sampling not in ("uniform", "logit_normal", "discrete"):
+            raise EditTunerError(f"--bridge_timesteps {self.timestep_sampling}: choose uniform, logit_normal or discrete")
+        if (len(self.discrete_timesteps) != len(self.discrete_probabilities) or not self.discrete_timesteps
+                or any(not 0 <= t <= BRIDGE_T_MAX for t in self.discrete_timesteps)
+                or any(p < 0 for p in self.discrete_probabilities) or sum(self.discrete_probabilities) <= 0):
+            raise EditTunerError("--discrete_timesteps / --discrete_probabilities: same length, times in [0, 0.999], "
+                                 "non-negative probabilities")
+        if self.logit_normal_std <= 0:
+            raise EditTunerError(f"--logit_normal_std {self.logit_normal_std}: must be positive")
+        FlowMatchConfig(masked_weight=self.masked_weight, unmasked_weight=self.unmasked_weight)
+
+    @property
+    def weighting(self) -> FlowMatchConfig:
+        return FlowMatchConfig(masked_weight=self.masked_weight, unmasked_weight=self.unmasked_weight)
+
+
+def bridge_interpolant(z0, z1, t, sigma: float, eps):
+    return (1 - t) * z0 + t * z1 + sigma * torch.sqrt(t * (1 - t)) * eps
+
+
+def bridge_target(z_t, z1, t):
+    return (z_t - z1) / (1 - t)
+
+
+def bridge_step(z_t, prediction, t: float, t_next: float, sigma: float, eps):
+    """One step of the bridge from t to t_next: sample the bridge between z_t and the predicted endpoint.
+
+    z1_hat = z_t - (1 - t) * prediction; given z_t and z1_hat, the Brownian bridge at t_next is Gaussian with
+    mean z_t + (t_next - t) / (1 - t) * (z1_hat - z_t) and variance sigma^2 (t_next - t)(1 - t_next) / (1 - t).
+    At t_next = 1 the variance is 0 and the step lands on z1_hat.
+    """
+    z1_hat = z_t - (1 - t) * prediction
+    mean = z_t + (t_next - t) / (1 - t) * (z1_hat - z_t)
+    std = sigma * math.sqrt(max(0.0, (t_next - t) * (1 - t_next) / (1 - t)))
+    return mean + std * eps if std > 0 else mean
+
+
+def bridge_timestep_input(t, dtype, device):
+    """The DiT's timestep input for bridge time t (the engine's 1000 * sigma, sigma = 1 - t)."""
+    return ((1 - t) * 1000).reshape(1).to(dtype=dtype, device=device)
+
+
+def sample_bridge_time(cfg: BridgeConfig) -> float:
+    if cfg.timestep_sampling == "uniform":
+        return float(torch.rand(()) * BRIDGE_T_MAX)
+    if cfg.timestep_sampling == "logit_normal":
+        return float(torch.sigmoid(torch.randn(()) * cfg.logit_normal_std + cfg.logit_normal_mean).clamp(max=BRIDGE_T_MAX))
+    index = torch.multinomial(torch.tensor(cfg.discrete_probabilities, dtype=torch.float), 1)
+    return float(cfg.discrete_timesteps[int(index)])
+
+
+@torch.no_grad()
+def sample_bridge(denoiser: Callable, z_start: torch.Tensor, conditioning: dict, steps: int = 1, sigma: float = 0.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integrate the bridge from z_start (t = 0) to t = 1 in ``steps`` equal steps."""
+    if steps < 1:
+        raise EditTunerError(f"--steps {steps}: the bridge needs at least 1 step")
+    z = z_start
+    grid = [k / steps for k in range(steps + 1)]
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        timestep = bridge_timestep_input(torch.tensor(t), z.dtype, z.device)
+        prediction = denoiser(latents=z, timestep=timestep, **conditioning).to(z.dtype)
+        eps = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z) if t_next < 1 and sigma > 0 else None
+        z = bridge_step(z, prediction, t, t_next, sigma, eps)
+    return z
+
+
+def velocity_scale(z0, z1, t: float, sigma: float) -> torch.Tensor:
+    """RMS of the regression target relative to its clean part: sqrt(1 + sigma^2 t / ((1 - t) E[(z0 - z1)^2])).
+
+    Dividing prediction and target by it keeps every timestep's loss on the scale of the clean velocity
+    (our variance normalisation, in the spirit of ViBT's stabilised velocity; ViBT's exact factor is not used).
+    """
+    clean = ((z0 - z1) ** 2).mean().clamp_min(1e-8)
+    return torch.sqrt(1 + sigma ** 2 * t / ((1 - t) * clean))
+
+
+def bridge_matching_loss(denoiser: Callable, z1: torch.Tensor, z_main: torch.Tensor, z_sub: torch.Tensor | None,
+                         conditioning: dict, cfg: BridgeConfig = BridgeConfig(),
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One sample's LBM loss. ``conditioning`` carries the references; the main stream drops them if asked."""
+    use_sub = z_sub is not None and float(torch.rand(())) < cfg.sub_stream_probability
+    z0 = z_sub if use_sub else z_main
+    if z0.shape != z1.shape:
+        raise EditTunerError(f"LBM needs the start latent at the target's size: {tuple(z0.shape)} vs {tuple(z1.shape)}; "
+                             "re-run phase 1 with references the size of the targets (--ref_max_pixels = --max_pixels "
+                             "and same-size images)")
+    t = sample_bridge_time(cfg)
+    t_tensor = torch.tensor(t, dtype=torch.float32)
+    eps = torch.randn_like(z1)
+    z_t = bridge_interpolant(z0, z1, t_tensor.to(z1), cfg.sigma, eps)
+    target = bridge_target(z_t, z1, t_tensor.to(z1))
+    if not use_sub and not cfg.main_stream_references:
+        conditioning = {**conditioning, "edit_latents": None}
+    prediction = denoiser(latents=z_t, timestep=bridge_timestep_input(t_tensor, z1.dtype, z1.device), **conditioning)
+    if cfg.normalize_velocity:
+        scale = velocity_scale(z0.float(), z1.float(), t, cfg.sigma)
+        prediction, target = prediction / scale, target / scale
+    return weighted_mse(prediction, target, mask, cfg.weighting)
+
+
+def LatentBridgeMatchingLoss(pipe, bridge_config: BridgeConfig = BridgeConfig(), **inputs):
+    """Drop-in for diffsynth's FlowMatchSFTLoss(pipe, **inputs): the target is ``input_latents``, the main stream
+    starts from ``edit_latents[0]``, the sub stream from ``white_latents`` (when given)."""
+    models = {name: getattr(pipe, name) for name in pipe.in_iteration_models}
+    denoiser = lambda **kw: pipe.model_fn(**models, **kw)  # noqa: E731
+    edits = inputs["edit_latents"] if isinstance(inputs["edit_latents"], list) else [inputs["edit_latents"]]
+    conditioning = {k: v for k, v in inputs.items() if k not in ("input_latents", "white_latents", "latents", "timestep")}
+    return bridge_matching_loss(denoiser, inputs["input_latents"], edits[0], inputs.get("white_latents"),
+                                conditioning, bridge_config, inputs.get("mask"))
