@@ -77,8 +77,10 @@ def cmd_precompute(args) -> None:
 
 def cmd_train(args) -> None:
     from .models import model_source_from_args
-    from .objectives import FlowMatchConfig
+    from .objectives import BridgeConfig, FlowMatchConfig
     from .trainer import TrainConfig, train
+    floats = lambda text: tuple(float(x) for x in text.split(","))  # noqa: E731
+    weights = {"masked_weight": args.masked_loss_weight, "unmasked_weight": args.unmasked_loss_weight}
     cfg = TrainConfig(
         cache_dir=Path(args.cache_dir), output_dir=Path(args.output_dir), model=model_source_from_args(args),
         model_version=args.model_version, resize=resize_from_args(args), max_steps=args.max_steps,
@@ -88,15 +90,24 @@ def cmd_train(args) -> None:
         lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision, resume=args.resume, eval_samples=args.eval_samples,
-        eval_every=args.eval_every,
-        objective=FlowMatchConfig(min_timestep_boundary=args.min_timestep_boundary,
-                                  max_timestep_boundary=args.max_timestep_boundary,
-                                  masked_weight=args.masked_loss_weight, unmasked_weight=args.unmasked_loss_weight))
+        eval_every=args.eval_every, objective=args.objective, optimizer=args.optimizer,
+        flow=FlowMatchConfig(min_timestep_boundary=args.min_timestep_boundary,
+                             max_timestep_boundary=args.max_timestep_boundary, **weights),
+        bridge=BridgeConfig(sigma=args.bridge_sigma, sub_stream_probability=args.sub_stream_probability,
+                            timestep_sampling=args.bridge_timesteps,
+                            discrete_timesteps=floats(args.discrete_timesteps),
+                            discrete_probabilities=floats(args.discrete_probabilities),
+                            logit_normal_mean=args.logit_normal_mean, logit_normal_std=args.logit_normal_std,
+                            main_stream_references=args.main_stream_references,
+                            normalize_velocity=args.normalize_velocity, **weights))
     result = train(cfg)
     if result["lora"]:
         evals = ""
         if result.get("eval_loss_start") is not None:
             evals = f", fixed-noise eval loss {result['eval_loss_start']:.4f} -> {result['eval_loss_end']:.4f}"
+        if result.get("bridge_1step_distance_ratio_start") is not None:
+            evals += (f", 1-step bridge distance to target / source distance "
+                      f"{result['bridge_1step_distance_ratio_start']:.3f} -> {result['bridge_1step_distance_ratio_end']:.3f}")
         print(f"phase 2: {result['steps']} steps{evals} -> {result['lora']}")
 
 
@@ -137,10 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True, help="run directory (config.json, metrics.jsonl, checkpoints/, lora.safetensors)")
     p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="preset: LoRA targets, zero_cond_t, accumulation")
     p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate, constant after warm-up (default 1e-4)")
-    p.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--objective", default="flow", choices=["flow", "lbm"], help="flow matching (default) or Latent Bridge Matching")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "prodigy_sf"],
+                   help="adamw (default) or ProdigyPlusScheduleFree (lr 1.0, constant, no clipping)")
+    p.add_argument("--learning_rate", type=float, default=None, help="constant after warm-up (default: adamw 1e-4, prodigy_sf 1.0)")
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps (default 0; adamw only)")
     p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables (default 1.0)")
+    p.add_argument("--max_grad_norm", type=float, default=None, help="gradient clipping; 0 disables (default: adamw 1.0; refused with prodigy_sf)")
     p.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
     p.add_argument("--gradient_accumulation", type=int, default=None, help="default from the preset (2509: 1, 2511: 16)")
@@ -156,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_every", type=int, default=0, help="log the eval loss every N steps (0: start and end only)")
     p.add_argument("--min_timestep_boundary", type=float, default=0.0)
     p.add_argument("--max_timestep_boundary", type=float, default=1.0)
+    lbm = p.add_argument_group("Latent Bridge Matching (--objective lbm)")
+    lbm.add_argument("--bridge_sigma", type=float, default=0.01, help="bridge noise sigma (default 0.01)")
+    lbm.add_argument("--sub_stream_probability", type=float, default=0.1,
+                     help="probability that a sample starts from the white image instead of the reference (default 0.1)")
+    lbm.add_argument("--bridge_timesteps", default="discrete", choices=["uniform", "logit_normal", "discrete"],
+                     help="bridge-time sampling (default discrete: the paper's 4 equally spaced times)")
+    lbm.add_argument("--discrete_timesteps", default="0,0.25,0.5,0.75", help="bridge times t (0 = source) for discrete sampling")
+    lbm.add_argument("--discrete_probabilities", default="0.25,0.25,0.25,0.25", help="their probabilities")
+    lbm.add_argument("--logit_normal_mean", type=float, default=0.0)
+    lbm.add_argument("--logit_normal_std", type=float, default=1.0)
+    lbm.add_argument("--main_stream_references", type=_on_off, default=True,
+                     help="give the DiT the reference tokens in the main stream (default on; off halves the sequence)")
+    lbm.add_argument("--normalize_velocity", type=_on_off, default=False, help="variance-normalised velocity loss (default off)")
     p.add_argument("--masked_loss_weight", type=float, default=1.0, help="loss weight inside the mask (default 1)")
     p.add_argument("--unmasked_loss_weight", type=float, default=1.0, help="loss weight outside the mask (default 1)")
     add_model_args(p)

@@ -94,23 +94,6 @@ def flow_matching_loss(denoiser: Callable, scheduler: FlowMatchScheduler, x0: to
     return loss * scheduler.training_weight(timestep)
 
 
-@torch.no_grad()
-def fixed_noise_loss(denoiser: Callable, scheduler: FlowMatchScheduler, samples: list[dict], device, dtype,
-                     zero_cond_t: bool, cfg: FlowMatchConfig = FlowMatchConfig(), draws: int = 4,
-                     seed: int = 1234) -> float:
-    """Mean loss over ``samples`` with fixed timesteps and noise: comparable across steps, unlike the training loss."""
-    total = 0.0
-    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
-        for i, sample in enumerate(samples):
-            x0 = sample["target"][None].to(device, dtype)
-            conditioning = dit_conditioning(sample, device, dtype, zero_cond_t)
-            mask = sample["mask"][None].to(device) if "mask" in sample else None
-            for d in range(draws):
-                torch.manual_seed(seed + i * draws + d)
-                total += float(flow_matching_loss(denoiser, scheduler, x0, conditioning, cfg, mask))
-    return total / (len(samples) * draws)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Latent Bridge Matching (Chadebec et al. 2025, arXiv 2503.07535).
 #

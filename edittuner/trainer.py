@@ -24,8 +24,8 @@ from .errors import EditTunerError
 from .images import ResizeConfig
 from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
 from .models import ModelSource
-from .objectives import (DiTDenoiser, FlowMatchConfig, dit_conditioning, fixed_noise_loss, flow_matching_loss,
-                         training_scheduler)
+from .objectives import (BridgeConfig, DiTDenoiser, FlowMatchConfig, bridge_matching_loss, dit_conditioning,
+                         flow_matching_loss, sample_bridge, training_scheduler)
 from .tracking import MetricsLog
 
 
@@ -37,10 +37,11 @@ class TrainConfig:
     model_version: str = "2511"
     resize: ResizeConfig = field(default_factory=ResizeConfig)
     max_steps: int = 1000
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None        # adamw: 1e-4; prodigy_sf: 1.0
     warmup_steps: int = 0
     weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None        # adamw: 1.0; prodigy_sf: clipping is refused
+    optimizer: str = "adamw"                  # adamw | prodigy_sf (ProdigyPlusScheduleFree)
     rank: int = 32
     alpha: float | None = None
     gradient_accumulation: int | None = None
@@ -51,7 +52,9 @@ class TrainConfig:
     keep_last: int | None = None
     gradient_checkpointing: bool = True
     mixed_precision: str = "auto"
-    objective: FlowMatchConfig = field(default_factory=FlowMatchConfig)
+    objective: str = "flow"                   # flow | lbm
+    flow: FlowMatchConfig = field(default_factory=FlowMatchConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
     resume: str | None = None
     eval_samples: int = 8
     eval_every: int = 0
@@ -64,6 +67,20 @@ class TrainConfig:
         self.zero_cond_t = preset.zero_cond_t if self.zero_cond_t is None else self.zero_cond_t
         self.gradient_accumulation = self.gradient_accumulation or preset.gradient_accumulation
         self.alpha = float(self.alpha if self.alpha is not None else self.rank)
+        if self.optimizer not in ("adamw", "prodigy_sf"):
+            raise EditTunerError(f"--optimizer {self.optimizer}: choose adamw or prodigy_sf")
+        if self.objective not in ("flow", "lbm"):
+            raise EditTunerError(f"--objective {self.objective}: choose flow or lbm")
+        schedule_free = self.optimizer == "prodigy_sf"
+        if schedule_free and self.max_grad_norm:
+            raise EditTunerError(f"--max_grad_norm {self.max_grad_norm}: gradient clipping is refused with "
+                                 "--optimizer prodigy_sf (it breaks Prodigy's step-size estimate); drop the flag")
+        if schedule_free and self.warmup_steps:
+            raise EditTunerError("--warmup_steps: prodigy_sf runs at a constant lr (schedule-free); drop the flag")
+        if self.learning_rate is None:
+            self.learning_rate = 1.0 if schedule_free else 1e-4
+        if self.max_grad_norm is None:
+            self.max_grad_norm = 0.0 if schedule_free else 1.0
         checks = [(self.max_steps >= 1, f"--max_steps {self.max_steps}: must be at least 1"),
                   (self.learning_rate > 0 and math.isfinite(self.learning_rate),
                    f"--learning_rate {self.learning_rate}: must be a positive number"),
@@ -85,6 +102,33 @@ class TrainConfig:
     def to_json(self) -> dict:
         data = asdict(self)
         return json.loads(json.dumps(data, default=str))
+
+
+class _ScheduleFreeEval:
+    """Context: switch a schedule-free optimizer to its averaged weights, and back to training afterwards."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def __enter__(self):
+        if self.optimizer is not None:
+            self.optimizer.eval()
+        return self
+
+    def __exit__(self, *exc):
+        if self.optimizer is not None:
+            self.optimizer.train()
+        return False
+
+
+def check_bridge_shapes(reader: CacheReader) -> None:
+    for record in reader.records:
+        shapes = record["shapes"]
+        if shapes.get("ref.0") != shapes["target"]:
+            raise EditTunerError(
+                f"--objective lbm: sample {record['id']!r} has its first reference at latent shape {shapes.get('ref.0')} "
+                f"but the target at {shapes['target']}; the bridge starts from the reference, so both must match. "
+                "Use same-size source/target pairs and the same pixel budget for both in phase 1.")
 
 
 def sample_at(position: int, dataset_size: int, seed: int) -> int:
@@ -134,7 +178,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
     dit.to(accelerator.device)
     params = [p for _, p in lora_parameters(dit)]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.objective == "lbm":
+        check_bridge_shapes(reader)
+    if cfg.optimizer == "prodigy_sf":
+        from prodigyplus.prodigy_plus_schedulefree import ProdigyPlusScheduleFree
+        optimizer = ProdigyPlusScheduleFree(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    base_optimizer = optimizer
     warmup = cfg.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     denoiser = DiTDenoiser(dit)
@@ -142,10 +193,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     scheduler = training_scheduler()
 
     start_step = 0
+    def averaged_weights():
+        """Schedule-free optimizers train on an interpolation and keep the average apart: anything that reads the
+        weights (evaluation, checkpoints, the final LoRA) must see the average. Called on the unwrapped optimizer,
+        since accelerate's wrapper has not always forwarded eval()/train()."""
+        return _ScheduleFreeEval(base_optimizer if cfg.optimizer == "prodigy_sf" else None)
+
     if resume_dir is not None:
         trainer_state = json.loads((resume_dir / "trainer_state.json").read_text())
         set_lora_state(dit, load_lora_file(resume_dir / "lora.safetensors"), cfg.rank, cfg.alpha)
+        # The checkpoint holds the averaged weights and the optimizer state saved in eval mode; loading both
+        # and switching to train mode rebuilds the training view exactly.
         optimizer.load_state_dict(load_state(resume_dir, "optimizer"))
+        if cfg.optimizer == "prodigy_sf":
+            base_optimizer.train()
         # The schedule's lambda is code, not state: load the counters only.
         lr_schedule.load_state_dict({**trainer_state["lr_schedule"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         start_step = trainer_state["step"]
@@ -155,11 +216,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 "target_modules": list(cfg.lora_targets), "zero_cond_t": str(cfg.zero_cond_t).lower()}
 
     def save_checkpoint(step: int) -> Path:
-        state = lora_state_dict(dit, cfg.rank, cfg.alpha)
+        with averaged_weights():
+            state = lora_state_dict(dit, cfg.rank, cfg.alpha)
+            optimizer_state = optimizer.state_dict()
 
         def files(tmp: Path):
             save_lora(tmp / "lora.safetensors", state, metadata)
-            save_state(tmp, "optimizer", optimizer.state_dict())
+            save_state(tmp, "optimizer", optimizer_state)
             write_json(tmp / "trainer_state.json", {"step": step, "seed": cfg.seed,
                                                     "lr_schedule": {k: v for k, v in lr_schedule.state_dict().items()
                                                                     if k != "lr_lambdas"}})
@@ -176,14 +239,46 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             "cache_samples": len(reader), "lora_modules": len(params) // 2}})
     metrics = MetricsLog(output_dir / "metrics.jsonl", truncate_after_step=start_step) if accelerator.is_main_process else None
 
+    def sample_loss(sample: dict) -> torch.Tensor:
+        x1 = sample["target"][None].to(accelerator.device, weight_dtype)
+        conditioning = dit_conditioning(sample, accelerator.device, weight_dtype, cfg.zero_cond_t,
+                                        cfg.gradient_checkpointing)
+        mask = sample["mask"][None].to(accelerator.device) if "mask" in sample else None
+        with accelerator.autocast():
+            if cfg.objective == "lbm":
+                white = sample["white"][None].to(accelerator.device, weight_dtype)
+                return bridge_matching_loss(denoiser, x1, conditioning["edit_latents"][0], white, conditioning,
+                                            cfg.bridge, mask)
+            return flow_matching_loss(denoiser, scheduler, x1, conditioning, cfg.flow, mask)
+
     eval_set = [reader.load(i) for i in range(min(cfg.eval_samples, len(reader)))]
 
-    def evaluate() -> float | None:
+    def evaluate() -> dict:
+        """Fixed-seed loss over the eval samples (comparable across steps) and, for LBM, how far 1-step bridge
+        sampling lands from the target relative to where it started."""
         if not eval_set:
-            return None
-        with accelerator.autocast():
-            return fixed_noise_loss(denoiser, scheduler, eval_set, accelerator.device, weight_dtype, cfg.zero_cond_t,
-                                    cfg.objective)
+            return {}
+        result = {}
+        with averaged_weights(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            losses = []
+            for i, sample in enumerate(eval_set):
+                for draw in range(4):
+                    torch.manual_seed(1234 + i * 4 + draw)
+                    losses.append(float(sample_loss(sample)))
+            result["eval_loss"] = sum(losses) / len(losses)
+            if cfg.objective == "lbm":
+                ratios = []
+                for sample in eval_set:
+                    x1 = sample["target"][None].to(accelerator.device, weight_dtype)
+                    conditioning = dit_conditioning(sample, accelerator.device, weight_dtype, cfg.zero_cond_t)
+                    z0 = conditioning["edit_latents"][0]
+                    if not cfg.bridge.main_stream_references:
+                        conditioning["edit_latents"] = None
+                    with accelerator.autocast():
+                        out = sample_bridge(denoiser, z0, conditioning, steps=1)
+                    ratios.append(float((out - x1).norm() / (z0 - x1).norm()))
+                result["bridge_1step_distance_ratio"] = sum(ratios) / len(ratios)
+        return result
 
     eval_start = evaluate()
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -201,14 +296,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 position = (step * ga + micro) * world + rank
                 sample = reader.load(sample_at(position, len(reader), cfg.seed))
                 torch.manual_seed(seed_for_position(cfg.seed, position))
-                x0 = sample["target"][None].to(accelerator.device, weight_dtype)
-                conditioning = dit_conditioning(sample, accelerator.device, weight_dtype, cfg.zero_cond_t,
-                                                cfg.gradient_checkpointing)
-                mask = sample["mask"][None].to(accelerator.device) if "mask" in sample else None
                 sync = micro == ga - 1
                 with accelerator.no_sync(denoiser) if not sync else nullcontext():
-                    with accelerator.autocast():
-                        loss = flow_matching_loss(denoiser, scheduler, x0, conditioning, cfg.objective, mask)
+                    loss = sample_loss(sample)
                     if not torch.isfinite(loss):
                         raise EditTunerError(f"step {step + 1}: loss is {loss.item()} on sample "
                                              f"{reader.records[sample_at(position, len(reader), cfg.seed)]['id']}; "
@@ -225,8 +315,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             step_time = time.perf_counter() - step_start
             record = {"step": step + 1, "loss": last_loss, "lr": lr_schedule.get_last_lr()[0],
                       "grad_norm": grad_norm, "step_time_s": step_time, "samples_per_s": ga * world / step_time}
+            if cfg.optimizer == "prodigy_sf":
+                group = base_optimizer.param_groups[0]
+                record["d"], record["d_lr"] = group["d"], group["d"] * group["lr"]
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                record["eval_loss"] = evaluate()
+                record.update(evaluate())
             if metrics:
                 metrics.log(record)
             bar.update()
@@ -246,10 +339,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                   f"(or --resume {output_dir / 'checkpoints' / f'step-{done}'})")
         return {"steps": done, "loss": last_loss, "lora": None, "stopped": True}
     lora_path = output_dir / "lora.safetensors"
-    summary = {"steps": cfg.max_steps, "loss": last_loss, "eval_loss_start": eval_start, "eval_loss_end": evaluate(),
-               "lora": str(lora_path), "stopped": False}
+    eval_end = evaluate()
+    summary = {"steps": cfg.max_steps, "loss": last_loss, "lora": str(lora_path), "stopped": False,
+               **{f"{k}_start": v for k, v in eval_start.items()}, **{f"{k}_end": v for k, v in eval_end.items()}}
+    with averaged_weights():
+        final_state = lora_state_dict(dit, cfg.rank, cfg.alpha)
     if accelerator.is_main_process:
-        save_lora(lora_path, lora_state_dict(dit, cfg.rank, cfg.alpha), metadata)
+        save_lora(lora_path, final_state, metadata)
         write_json(output_dir / "summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
