@@ -5,7 +5,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PRESET="${PRESET:?set PRESET to 2509 or 2511}"
-NAME="Qwen-Image-Edit-${PRESET}"
+NAME="${LAUNCHER:-Qwen-Image-Edit-${PRESET}}"
+OBJECTIVE="${OBJECTIVE:-flow}"
+OPTIMIZER="${OPTIMIZER:-adamw}"
 
 fail() { echo "${NAME}.sh: error: $*" >&2; exit 2; }
 is_int() { [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "${3:-1}" ] || fail "$1=$2 must be an integer >= ${3:-1}"; }
@@ -19,7 +21,8 @@ if [ -z "$MODEL_DIR" ]; then
   MODEL_ARGS=(--model_dir tiny)
   DATASET_JSON="${DATASET_JSON:-data/demo/dataset.json}"
   # Tiny-model defaults: small images and a high learning rate so the demo learns in a minute on a CPU.
-  STEPS="${STEPS:-60}"; LR="${LR:-5e-3}"; RANK="${RANK:-8}"; GRAD_ACCUM="${GRAD_ACCUM:-2}"
+  STEPS="${STEPS:-60}"; RANK="${RANK:-8}"; GRAD_ACCUM="${GRAD_ACCUM:-2}"
+  if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-5e-3}"; fi
   MAX_PIXELS="${MAX_PIXELS:-9216}"; SAVE_EVERY="${SAVE_EVERY:-30}"
 else
   [ -d "$MODEL_DIR" ] || fail "MODEL_DIR=$MODEL_DIR is not a directory"
@@ -30,7 +33,8 @@ else
     if [ -n "${!v:-}" ]; then [ -d "${!v}" ] || fail "$v=${!v} is not a directory"; MODEL_ARGS+=("--${lower}_dir" "${!v}"); fi
   done
   DATASET_JSON="${DATASET_JSON:?set DATASET_JSON to your dataset JSON (make one with generate_dataset_json_mp.py)}"
-  STEPS="${STEPS:-1000}"; LR="${LR:-1e-4}"; RANK="${RANK:-32}"; GRAD_ACCUM="${GRAD_ACCUM:-}"
+  STEPS="${STEPS:-1000}"; RANK="${RANK:-32}"; GRAD_ACCUM="${GRAD_ACCUM:-}"
+  if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-1e-4}"; fi
   MAX_PIXELS="${MAX_PIXELS:-1048576}"; SAVE_EVERY="${SAVE_EVERY:-250}"
 fi
 CACHE_DIR="${CACHE_DIR:-data/cache/$(basename "$(dirname "$DATASET_JSON")")-$(basename "$DATASET_JSON" .json)}"
@@ -47,6 +51,22 @@ fi
 is_int STEPS "$STEPS"; is_num LR "$LR"; is_int RANK "$RANK"; is_int NUM_PROCESSES "$NUM_PROCESSES"
 is_int SEED "$SEED" 0; is_int MAX_PIXELS "$MAX_PIXELS"; is_int SAVE_EVERY "$SAVE_EVERY"
 [ -z "$GRAD_ACCUM" ] || is_int GRAD_ACCUM "$GRAD_ACCUM"
+case "$OBJECTIVE" in flow|lbm) ;; *) fail "OBJECTIVE=$OBJECTIVE must be flow or lbm";; esac
+case "$OPTIMIZER" in adamw|prodigy_sf) ;; *) fail "OPTIMIZER=$OPTIMIZER must be adamw or prodigy_sf";; esac
+LBM_ARGS=()
+if [ "$OBJECTIVE" = lbm ]; then
+  BRIDGE_SIGMA="${BRIDGE_SIGMA:-0.01}"; SUB_STREAM_PROB="${SUB_STREAM_PROB:-0.1}"
+  BRIDGE_TIMESTEPS="${BRIDGE_TIMESTEPS:-discrete}"; MAIN_STREAM_REFS="${MAIN_STREAM_REFS:-on}"
+  NORMALIZE_VELOCITY="${NORMALIZE_VELOCITY:-off}"
+  is_num BRIDGE_SIGMA "$BRIDGE_SIGMA"; is_num SUB_STREAM_PROB "$SUB_STREAM_PROB"
+  case "$BRIDGE_TIMESTEPS" in uniform|logit_normal|discrete) ;; *) fail "BRIDGE_TIMESTEPS=$BRIDGE_TIMESTEPS must be uniform, logit_normal or discrete";; esac
+  for v in MAIN_STREAM_REFS NORMALIZE_VELOCITY; do
+    case "${!v}" in on|off) ;; *) fail "$v=${!v} must be on or off";; esac
+  done
+  LBM_ARGS=(--bridge_sigma "$BRIDGE_SIGMA" --sub_stream_probability "$SUB_STREAM_PROB"
+    --bridge_timesteps "$BRIDGE_TIMESTEPS" --main_stream_references "$MAIN_STREAM_REFS"
+    --normalize_velocity "$NORMALIZE_VELOCITY")
+fi
 [ -f "$ACCELERATE_CONFIG" ] || fail "ACCELERATE_CONFIG=$ACCELERATE_CONFIG: no such file (see accelerate_configs/)"
 if [ ! -f "$DATASET_JSON" ] && [ -z "$MODEL_DIR" ] && [ "$DATASET_JSON" = data/demo/dataset.json ]; then
   "$PYTHON" -m edittuner demo-data --out data/demo
@@ -60,8 +80,9 @@ echo "== phase 1: encoding $DATASET_JSON into $CACHE_DIR"
 "${LAUNCH[@]}" precompute --dataset_json "$DATASET_JSON" --cache_dir "$CACHE_DIR" --model_version "$PRESET" \
   "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}"
 
-echo "== phase 2: training the DiT LoRA into $OUTPUT_DIR"
+echo "== phase 2: training the DiT LoRA ($OBJECTIVE, $OPTIMIZER) into $OUTPUT_DIR"
 TRAIN_ARGS=(--cache_dir "$CACHE_DIR" --output_dir "$OUTPUT_DIR" --model_version "$PRESET" --max_steps "$STEPS"
-  --learning_rate "$LR" --rank "$RANK" --seed "$SEED" --save_every "$SAVE_EVERY")
+  --learning_rate "$LR" --rank "$RANK" --seed "$SEED" --save_every "$SAVE_EVERY"
+  --objective "$OBJECTIVE" --optimizer "$OPTIMIZER" "${LBM_ARGS[@]}")
 [ -z "$GRAD_ACCUM" ] || TRAIN_ARGS+=(--gradient_accumulation "$GRAD_ACCUM")
 "${LAUNCH[@]}" train "${TRAIN_ARGS[@]}" "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}" "$@"

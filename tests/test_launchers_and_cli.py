@@ -34,12 +34,29 @@ def test_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path, script, preset):
     assert json.loads((tmp_path / "cache/manifest.json").read_text())["model_version"] == preset
 
 
+def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
+    import shutil
+    shutil.copytree(demo_dir, tmp_path / "demo")
+    result = _launch("Qwen-Image-Edit-LBM.sh", tmp_path, STEPS="20")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0].startswith("Qwen-Image-Edit-LBM: no MODEL_DIR set")
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["objective"] == "lbm" and config["optimizer"] == "prodigy_sf" and config["max_grad_norm"] == 0.0
+    assert config["learning_rate"] == 1.0 and config["bridge"]["sigma"] == 0.01
+    metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 20 and all(m["d_lr"] > 0 for m in metrics)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["eval_loss_end"] < summary["eval_loss_start"] and "bridge_1step_distance_ratio_end" in summary
+
+
 @pytest.mark.parametrize("env, message", [
     ({"STEPS": "ten"}, "STEPS=ten must be an integer"),
     ({"LR": "-1"}, "LR=-1 must be a positive number"),
     ({"MODEL_DIR": "/no/such/model"}, "MODEL_DIR=/no/such/model is not a directory"),
     ({"ACCELERATE_CONFIG": "nope.yaml"}, "ACCELERATE_CONFIG=nope.yaml"),
     ({"DATASET_JSON": "/no/such.json"}, "DATASET_JSON=/no/such.json: no such file"),
+    ({"OBJECTIVE": "gan"}, "OBJECTIVE=gan must be flow or lbm"),
+    ({"OBJECTIVE": "lbm", "MAIN_STREAM_REFS": "maybe"}, "MAIN_STREAM_REFS=maybe must be on or off"),
 ])
 def test_bad_launcher_variable_fails_before_any_work(tmp_path, env, message):
     result = _launch("Qwen-Image-Edit-2511.sh", tmp_path, **env)
