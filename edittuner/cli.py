@@ -1,4 +1,4 @@
-"""`edittuner` command line: dataset, precompute, train, demo-data. Bad input exits 2 with one message."""
+"""`edittuner` command line: dataset, precompute, train, sample, demo-data. Bad input exits 2 with one message."""
 
 from __future__ import annotations
 
@@ -111,6 +111,18 @@ def cmd_train(args) -> None:
         print(f"phase 2: {result['steps']} steps{evals} -> {result['lora']}")
 
 
+def cmd_sample(args) -> None:
+    from .models import model_source_from_args
+    from .sampling import SampleConfig, sample_image
+    cfg = SampleConfig(references=tuple(Path(p) for p in args.image), prompt=args.prompt, output=Path(args.output),
+                       model=model_source_from_args(args), model_version=args.model_version,
+                       lora=Path(args.lora) if args.lora else None, lora_strength=args.lora_strength,
+                       sampler=args.sampler, steps=args.steps, seed=args.seed, stream=args.stream,
+                       bridge_sigma=args.bridge_sigma, main_stream_references=args.main_stream_references,
+                       resize=resize_from_args(args))
+    print(f"wrote {sample_image(cfg)}")
+
+
 def cmd_demo_data(args) -> None:
     from .demo import make_demo_dataset
     print(make_demo_dataset(Path(args.out), size=args.size))
@@ -188,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_resize_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="edit an image with the base model and an optional LoRA")
+    p.add_argument("--image", action="append", required=True, help="reference image; repeat for up to 3 (the first is edited)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--output", required=True, help="image file to write")
+    p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="sets zero_cond_t (2511 on)")
+    p.add_argument("--lora", default=None, help="LoRA file (e.g. train/<run>/lora.safetensors)")
+    p.add_argument("--lora_strength", type=float, default=1.0)
+    p.add_argument("--sampler", default="bridge", choices=["bridge"], help="bridge: Latent Bridge Matching")
+    p.add_argument("--steps", type=int, default=1, help="bridge steps (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", default="main", choices=["main", "sub"],
+                   help="start from the first reference (main) or from a white image (sub)")
+    p.add_argument("--bridge_sigma", type=float, default=0.0, help="stochastic term of the bridge steps (default 0)")
+    p.add_argument("--main_stream_references", type=_on_off, default=True)
+    add_model_args(p)
+    add_resize_args(p)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo-data", help="make the demo raw folder and dataset JSON from scikit-image's sample photos")
     p.add_argument("--out", default="data/demo")

@@ -46,13 +46,14 @@ class FlowMatchConfig:
 
 
 def dit_conditioning(sample: dict[str, torch.Tensor], device, dtype, zero_cond_t: bool,
-                     gradient_checkpointing: bool = False) -> dict:
-    """model_fn_qwen_image's inputs, except latents and timestep, from one cached sample."""
+                     gradient_checkpointing: bool = False, latent_hw: tuple[int, int] | None = None) -> dict:
+    """model_fn_qwen_image's inputs, except latents and timestep, from one cached sample (or, at inference,
+    from encoded prompt and references with the output's latent size ``latent_hw``)."""
     refs = []
     while f"ref.{len(refs)}" in sample:
         refs.append(sample[f"ref.{len(refs)}"][None].to(device=device, dtype=dtype))
     prompt_emb = sample["prompt_emb"][None].to(device=device, dtype=dtype)
-    height, width = (d * 8 for d in sample["target"].shape[-2:])
+    height, width = (d * 8 for d in (latent_hw or sample["target"].shape[-2:]))
     return {"prompt_emb": prompt_emb,
             "prompt_emb_mask": torch.ones(prompt_emb.shape[:2], dtype=torch.long, device=device),
             "edit_latents": refs, "height": height, "width": width, "zero_cond_t": zero_cond_t,
