@@ -150,6 +150,49 @@ def bench_dataset_generation(work: Path, count: int) -> dict:
             "verify_speedup_2_over_1": rates[(True, 2)] / rates[(True, 1)], "identical_output": same}
 
 
+def bench_lbm(work: Path, steps: int) -> dict:
+    """Bridge sampling (1/2/4 steps) against the engine's 30-step flow sampler, and the LBM step with and without
+    reference tokens in the main stream, on the cache and DiT of bench_phase2."""
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+    from edittuner.cache import CacheReader
+    from edittuner.objectives import BridgeConfig, sample_bridge
+    resize = ResizeConfig(max_pixels=SIZE * SIZE)
+    model = ModelSource(transformer_dir=str(work / "transformer"))
+    dit = model.load_dit().eval()
+    denoiser = DiTDenoiser(dit)
+    sample = CacheReader(work / "cache").load(0)
+    conditioning = dit_conditioning(sample, "cpu", torch.float32, True)
+    z0 = sample["ref.0"][None]
+
+    def flow_30():
+        scheduler = FlowMatchScheduler("Qwen-Image")
+        scheduler.set_timesteps(30, dynamic_shift_len=z0.shape[-1] * z0.shape[-2] // 4)
+        latents = torch.randn_like(z0)
+        with torch.no_grad():
+            for timestep in scheduler.timesteps:
+                prediction = denoiser(latents=latents, timestep=timestep.reshape(1), **conditioning)
+                latents = scheduler.step(prediction, timestep, latents)
+
+    repeats = 2 if steps <= 4 else 3
+    flow = median_time(flow_30, repeats, warmup=1)
+    result = {"flow_30_steps_s": flow}
+    for n in (1, 2, 4):
+        result[f"bridge_{n}_steps_s"] = median_time(lambda: sample_bridge(denoiser, z0, conditioning, steps=n), repeats * 3, warmup=1)
+        result[f"flow30_over_bridge{n}"] = flow / result[f"bridge_{n}_steps_s"]
+    times = {}
+    for refs in (True, False):
+        run = work / f"lbm-{refs}"
+        cfg = TrainConfig(cache_dir=work / "cache", output_dir=run, model=model, resize=resize, max_steps=steps + 2,
+                          rank=32, gradient_accumulation=1, gradient_checkpointing=False, save_every=10_000,
+                          eval_samples=0, objective="lbm",
+                          bridge=BridgeConfig(sub_stream_probability=0.0, main_stream_references=refs))
+        train(cfg, progress=False)
+        times[refs] = statistics.median(m["step_time_s"] for m in read_metrics(run / "metrics.jsonl")[2:])
+    result.update({"lbm_step_with_refs_s": times[True], "lbm_step_without_refs_s": times[False],
+                   "with_over_without_refs": times[True] / times[False]})
+    return result
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}, CPU"
 
@@ -172,7 +215,19 @@ def render(results: dict) -> str:
         f"| dataset JSON, `--verify` (full decode), 2 workers | {ds['verify_rate_2_workers']:.0f} samples/s | 1 worker: {ds['verify_rate_1_worker']:.0f} samples/s | {ds['verify_speedup_2_over_1']:.2f} |",
         "",
         f"Dataset JSON identical with 1 and 2 workers: {ds['identical_output']}.",
+        "",
+        "Latent Bridge Matching (same DiT, same 256x256 sample; DiT loop only, no CFG, no VAE decode):",
+        "",
+        "| figure | value | baseline (same run) | ratio (baseline / value) |",
+        "|---|---|---|---|",
     ]
+    lbm = results["lbm"]
+    for n in (1, 2, 4):
+        lines.append(f"| bridge sampling, {n} step{'s' if n > 1 else ''} | {lbm[f'bridge_{n}_steps_s'] * 1000:.0f} ms | "
+                     f"flow matching, 30 steps (the engine's scheduler): {lbm['flow_30_steps_s'] * 1000:.0f} ms | "
+                     f"{lbm[f'flow30_over_bridge{n}']:.1f} |")
+    lines.append(f"| LBM step without reference tokens (main stream) | {lbm['lbm_step_without_refs_s'] * 1000:.0f} ms | "
+                 f"with them: {lbm['lbm_step_with_refs_s'] * 1000:.0f} ms | {lbm['with_over_without_refs']:.2f} |")
     return "\n".join(lines)
 
 
@@ -202,6 +257,7 @@ def main(argv=None) -> int:
         results = {"command": "python -m benchmarks run" + (" --quick" if args.quick else ""),
                    "machine": machine(), "date": datetime.date.today().isoformat(),
                    "dataset": generation, "phase2": bench_phase2(work, dataset, steps)}
+        results["lbm"] = bench_lbm(work, steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = ROOT / "benchmarks/results"
