@@ -172,14 +172,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     resume_dir = resolve_resume(cfg.resume, output_dir) if cfg.resume else None
 
     reader = CacheReader(cfg.cache_dir, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint())
+    if cfg.objective == "lbm":
+        check_bridge_shapes(reader)
     weight_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
     dit = cfg.model.load_dit(dtype=weight_dtype, device=accelerator.device)
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices come from the global RNG
     inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
     dit.to(accelerator.device)
     params = [p for _, p in lora_parameters(dit)]
-    if cfg.objective == "lbm":
-        check_bridge_shapes(reader)
     if cfg.optimizer == "prodigy_sf":
         from prodigyplus.prodigy_plus_schedulefree import ProdigyPlusScheduleFree
         optimizer = ProdigyPlusScheduleFree(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -193,6 +193,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     scheduler = training_scheduler()
 
     start_step = 0
+
     def averaged_weights():
         """Schedule-free optimizers train on an interpolation and keep the average apart: anything that reads the
         weights (evaluation, checkpoints, the final LoRA) must see the average. Called on the unwrapped optimizer,
