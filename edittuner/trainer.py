@@ -12,6 +12,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -131,11 +132,16 @@ def check_bridge_shapes(reader: CacheReader) -> None:
                 "Use same-size source/target pairs and the same pixel budget for both in phase 1.")
 
 
+@lru_cache(maxsize=2)
+def _epoch_order(dataset_size: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(dataset_size, generator=generator).tolist())
+
+
 def sample_at(position: int, dataset_size: int, seed: int) -> int:
     """Cache index for global sample position ``position``: a fresh seeded permutation every epoch."""
     epoch, offset = divmod(position, dataset_size)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return int(torch.randperm(dataset_size, generator=generator)[offset])
+    return _epoch_order(dataset_size, seed, epoch)[offset]
 
 
 def seed_for_position(seed: int, position: int) -> int:
