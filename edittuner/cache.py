@@ -102,18 +102,22 @@ def reference_prompt_embedder(vl_pixels: int):
     return ReferencePromptEmbedder()
 
 
+def load_references(paths, resize: ResizeConfig) -> list[Image.Image]:
+    """Decode and size reference images: the one rule phase 1 and sampling share."""
+    budget = resize.ref_max_pixels or resize.max_pixels
+    refs = []
+    for path in paths:
+        ref = load_rgb(path)
+        refs.append(resize_to(ref, fit_size(*ref.size, budget, resize.multiple)))
+    return refs
+
+
 def prepare_images(sample: Sample, resize: ResizeConfig):
     """Decode and size the target, references and mask exactly as phase 1 encodes them."""
     target = load_rgb(sample.image)
-    size = fit_size(*target.size, resize.max_pixels, resize.multiple)
-    target = resize_to(target, size)
-    ref_budget = resize.ref_max_pixels or resize.max_pixels
-    refs = []
-    for path in sample.edit_images:
-        ref = load_rgb(path)
-        refs.append(resize_to(ref, fit_size(*ref.size, ref_budget, resize.multiple)))
+    target = resize_to(target, fit_size(*target.size, resize.max_pixels, resize.multiple))
     mask = load_mask(sample.mask) if sample.mask else None
-    return target, refs, mask
+    return target, load_references(sample.edit_images, resize), mask
 
 
 @torch.no_grad()

@@ -199,6 +199,10 @@ class ModelSource:
     def is_tiny(self) -> bool:
         return self.model_dir == "tiny"
 
+    @property
+    def uses_tiny_encoders(self) -> bool:
+        return self.is_tiny and not any((self.text_encoder_dir, self.vae_dir, self.processor_dir))
+
     def folder(self, component: str) -> Path:
         override = getattr(self, f"{component}_dir")
         if override:
@@ -224,7 +228,7 @@ class ModelSource:
 
     def encoder_fingerprint(self) -> str | None:
         """Identity of everything phase 1 encodes with; None when those folders are not available here."""
-        if self.is_tiny and not any((self.text_encoder_dir, self.vae_dir, self.processor_dir)):
+        if self.uses_tiny_encoders:
             from .tiny import tiny_fingerprint
             return tiny_fingerprint(self.tiny_seed)
         try:
@@ -253,7 +257,7 @@ class ModelSource:
         return dit.to(device)
 
     def load_encoders(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Encoders:
-        if self.is_tiny and not any((self.text_encoder_dir, self.vae_dir, self.processor_dir)):
+        if self.uses_tiny_encoders:
             from .tiny import build_tiny_encoders
             encoders = build_tiny_encoders(self.tiny_seed)
             encoders.text_encoder.to(device=device, dtype=dtype)

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path
-from .cache import encode_images_and_prompt, make_encoding_pipe, reference_prompt_embedder
+from .cache import encode_images_and_prompt, load_references, make_encoding_pipe, reference_prompt_embedder
 from .errors import EditTunerError
-from .images import ResizeConfig, fit_size, load_rgb, resize_to
+from .images import ResizeConfig
 from .lora import PRESETS, load_lora_file
 from .models import ModelSource
 from .objectives import DiTDenoiser, dit_conditioning, sample_bridge
@@ -80,11 +80,7 @@ def fuse_lora(dit: torch.nn.Module, path: Path, strength: float) -> None:
 @torch.no_grad()
 def edit_latents(cfg: SampleConfig, dit, pipe) -> torch.Tensor:
     embedder = reference_prompt_embedder(cfg.resize.vl_pixels)
-    refs = []
-    for k, path in enumerate(cfg.references):
-        image = load_rgb(path)
-        budget = cfg.resize.max_pixels if k == 0 else (cfg.resize.ref_max_pixels or cfg.resize.max_pixels)
-        refs.append(resize_to(image, fit_size(*image.size, budget, cfg.resize.multiple)))
+    refs = load_references(cfg.references, cfg.resize)
     encoded = encode_images_and_prompt(pipe, embedder, cfg.prompt, None, refs, None)
     device, dtype = pipe.device, pipe.torch_dtype
     if cfg.stream == "main":
