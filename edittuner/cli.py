@@ -28,6 +28,13 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0,0.25,0.5,0.75") from None
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model_dir", default="tiny",
@@ -79,7 +86,6 @@ def cmd_train(args) -> None:
     from .models import model_source_from_args
     from .objectives import BridgeConfig, FlowMatchConfig
     from .trainer import TrainConfig, train
-    floats = lambda text: tuple(float(x) for x in text.split(","))  # noqa: E731
     weights = {"masked_weight": args.masked_loss_weight, "unmasked_weight": args.unmasked_loss_weight}
     cfg = TrainConfig(
         cache_dir=Path(args.cache_dir), output_dir=Path(args.output_dir), model=model_source_from_args(args),
@@ -95,8 +101,8 @@ def cmd_train(args) -> None:
                              max_timestep_boundary=args.max_timestep_boundary, **weights),
         bridge=BridgeConfig(sigma=args.bridge_sigma, sub_stream_probability=args.sub_stream_probability,
                             timestep_sampling=args.bridge_timesteps,
-                            discrete_timesteps=floats(args.discrete_timesteps),
-                            discrete_probabilities=floats(args.discrete_probabilities),
+                            discrete_timesteps=args.discrete_timesteps,
+                            discrete_probabilities=args.discrete_probabilities,
                             logit_normal_mean=args.logit_normal_mean, logit_normal_std=args.logit_normal_std,
                             main_stream_references=args.main_stream_references,
                             normalize_velocity=args.normalize_velocity, **weights))
@@ -188,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="probability that a sample starts from the white image instead of the reference (default 0.1)")
     lbm.add_argument("--bridge_timesteps", default="discrete", choices=["uniform", "logit_normal", "discrete"],
                      help="bridge-time sampling (default discrete: the paper's 4 equally spaced times)")
-    lbm.add_argument("--discrete_timesteps", default="0,0.25,0.5,0.75", help="bridge times t (0 = source) for discrete sampling")
-    lbm.add_argument("--discrete_probabilities", default="0.25,0.25,0.25,0.25", help="their probabilities")
+    lbm.add_argument("--discrete_timesteps", type=_float_list, default=(0.0, 0.25, 0.5, 0.75), help="bridge times t (0 = source) for discrete sampling")
+    lbm.add_argument("--discrete_probabilities", type=_float_list, default=(0.25, 0.25, 0.25, 0.25), help="their probabilities")
     lbm.add_argument("--logit_normal_mean", type=float, default=0.0)
     lbm.add_argument("--logit_normal_std", type=float, default=1.0)
     lbm.add_argument("--main_stream_references", type=_on_off, default=True,

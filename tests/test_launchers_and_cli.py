@@ -99,6 +99,8 @@ def test_cli_bad_inputs_get_one_clear_message(demo_dir, demo_cache, tmp_path):
     _one_clean_error(run_cli("precompute", "--dataset_json", demo_dir / "dataset.json", "--cache_dir", tmp_path / "c",
                              "--multiple", "24"), "--multiple 24")
     _one_clean_error(run_cli("dataset", "--raw_dir", tmp_path / "nothing", "--output", tmp_path / "o.json"), "--raw_dir")
+    _one_clean_error(run_cli("train", "--cache_dir", demo_cache, "--output_dir", tmp_path / "r", "--objective", "lbm",
+                             "--discrete_timesteps", "0,a"), "--discrete_timesteps", "comma-separated numbers")
 
 
 def test_failed_run_keeps_existing_files(demo_cache, tmp_path, trained_run):
