@@ -90,9 +90,57 @@ def _tiny_encoder_state(seed: int):
     try:
         text_encoder = EditTextEncoder(tiny_text_encoder_config())
         vae = QwenImageVAE(**TINY_VAE)
+        calibrate_latent_scale(vae)
     finally:
         rng.__exit__(None, None, None)
     return text_encoder.state_dict(), vae.state_dict()
+
+
+def _calibration_images(count: int = 8, size: int = 64) -> torch.Tensor:
+    """Smooth random colour fields in [-1, 1]: content at several scales, like photographs, from the current RNG."""
+    fields = []
+    for _ in range(count):
+        field = sum(torch.nn.functional.interpolate(torch.randn(1, 3, cells, cells), size=(size, size), mode="bilinear",
+                                                    align_corners=False) / cells ** 0.5 for cells in (2, 4, 8, 16))
+        fields.append(torch.tanh(field))
+    return torch.cat(fields)
+
+
+def _round3(x: torch.Tensor) -> torch.Tensor:
+    """Round to 3 significant digits, in float32."""
+    scale = 10.0 ** (torch.floor(torch.log10(x.abs().clamp_min(1e-12))) - 2)
+    return (torch.round(x / scale) * scale).float()
+
+
+@torch.no_grad()
+def calibrate_latent_scale(vae: QwenImageVAE) -> None:
+    """Give the random tiny VAE the latent statistics the engine assumes of the real one.
+
+    ``QwenImageVAE.encode`` normalises with the real VAE's per-channel mean and std. A random encoder's
+    raw output is ~0.1 with a content spread of ~0.05, so after that normalisation every latent is a
+    near-constant offset (content moves it by ~1 %) and a model cannot tell two images apart. We rescale
+    ``quant_conv`` so that, on smooth random images, each normalised channel has mean 0 and std 1, and
+    fold the inverse into ``post_quant_conv`` so that decoding sees exactly what it saw before.
+    """
+    # The tiny model must be bitwise the same in every process (a cache made by one is checked against
+    # another's fingerprint and resumed by a third), but conv results depend on the thread count: measure
+    # on one thread and round the statistics to 3 significant digits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        raw = vae.quant_conv(vae.encoder(_calibration_images().unsqueeze(2)))[:, :vae.z_dim].double()
+    finally:
+        torch.set_num_threads(threads)
+    raw_mean, raw_std = _round3(raw.mean(dim=(0, 2, 3, 4))), _round3(raw.std(dim=(0, 2, 3, 4)).clamp_min(1e-6))
+    real_mean, real_std = vae.mean.flatten(), 1 / vae.std.flatten()
+    gain = real_std / raw_std                       # raw -> real scale: (raw - raw_mean) * gain + real_mean
+    quant = vae.quant_conv
+    quant.weight[:vae.z_dim] *= gain.view(-1, 1, 1, 1, 1)
+    quant.bias[:vae.z_dim] = (quant.bias[:vae.z_dim] - raw_mean) * gain + real_mean
+    post = vae.post_quant_conv                      # undo it: raw = (real - real_mean) / gain + raw_mean
+    weight = post.weight.flatten(1)
+    post.bias += weight @ (raw_mean - real_mean / gain)
+    post.weight /= gain.view(1, -1, 1, 1, 1)
 
 
 def build_tiny_encoders(seed: int = 0) -> Encoders:
@@ -105,6 +153,6 @@ def build_tiny_encoders(seed: int = 0) -> Encoders:
 
 
 def tiny_fingerprint(seed: int) -> str:
-    spec = json.dumps({"seed": seed, "text": tiny_text_encoder_config().to_dict(), "vae": TINY_VAE,
+    spec = json.dumps({"seed": seed, "text": tiny_text_encoder_config().to_dict(), "vae": TINY_VAE, "vae_calibration": 1,
                        "tokens": SPECIAL_TOKENS}, sort_keys=True, default=str)
     return "tiny:" + hashlib.sha256(spec.encode()).hexdigest()[:16]

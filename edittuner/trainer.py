@@ -106,19 +106,29 @@ class TrainConfig:
 
 
 class _ScheduleFreeEval:
-    """Context: switch a schedule-free optimizer to its averaged weights, and back to training afterwards."""
+    """Context: switch a schedule-free optimizer to its averaged weights, and back to training afterwards.
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
+    ``eval()``/``train()`` move each parameter by a lerp towards the optimizer's z; the round trip is exact in
+    real numbers but not in fp32, so a run that saves or evaluates would drift from one that does not. We
+    keep the training view and put it back bitwise; ``training_view`` is what a checkpoint stores for resume.
+    """
+
+    def __init__(self, optimizer, params: list[torch.Tensor]):
+        self.optimizer, self.params = optimizer, params
+        self.training_view: list[torch.Tensor] | None = None
 
     def __enter__(self):
         if self.optimizer is not None:
+            self.training_view = [p.detach().clone() for p in self.params]
             self.optimizer.eval()
         return self
 
     def __exit__(self, *exc):
         if self.optimizer is not None:
             self.optimizer.train()
+            with torch.no_grad():
+                for p, kept in zip(self.params, self.training_view):
+                    p.copy_(kept)
         return False
 
 
@@ -204,7 +214,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         """Schedule-free optimizers train on an interpolation and keep the average apart: anything that reads the
         weights (evaluation, checkpoints, the final LoRA) must see the average. Called on the unwrapped optimizer,
         since accelerate's wrapper has not always forwarded eval()/train()."""
-        return _ScheduleFreeEval(base_optimizer if cfg.optimizer == "prodigy_sf" else None)
+        return _ScheduleFreeEval(base_optimizer if cfg.optimizer == "prodigy_sf" else None, params)
 
     if resume_dir is not None:
         trainer_state = json.loads((resume_dir / "trainer_state.json").read_text())
@@ -214,6 +224,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         optimizer.load_state_dict(load_state(resume_dir, "optimizer"))
         if cfg.optimizer == "prodigy_sf":
             base_optimizer.train()
+            if (resume_dir / "training_view.safetensors").exists():  # bitwise, not the fp32 lerp round trip
+                with torch.no_grad():
+                    for p, kept in zip(params, load_state(resume_dir, "training_view")):
+                        p.copy_(kept)
         # The schedule's lambda is code, not state: load the counters only.
         lr_schedule.load_state_dict({**trainer_state["lr_schedule"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         start_step = trainer_state["step"]
@@ -223,13 +237,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 "target_modules": list(cfg.lora_targets), "zero_cond_t": str(cfg.zero_cond_t).lower()}
 
     def save_checkpoint(step: int) -> Path:
-        with averaged_weights():
+        with averaged_weights() as view:
             state = lora_state_dict(dit, cfg.rank, cfg.alpha)
             optimizer_state = optimizer.state_dict()
 
         def files(tmp: Path):
             save_lora(tmp / "lora.safetensors", state, metadata)
             save_state(tmp, "optimizer", optimizer_state)
+            if view.training_view is not None:
+                save_state(tmp, "training_view", view.training_view)
             write_json(tmp / "trainer_state.json", {"step": step, "seed": cfg.seed,
                                                     "lr_schedule": {k: v for k, v in lr_schedule.state_dict().items()
                                                                     if k != "lr_lambdas"}})

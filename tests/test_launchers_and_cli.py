@@ -23,7 +23,7 @@ def _launch(script, tmp_path, **env):
 def test_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path, script, preset):
     import shutil
     shutil.copytree(demo_dir, tmp_path / "demo")
-    result = _launch(script, tmp_path)
+    result = _launch(script, tmp_path, STEPS="60")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tiny model" in result.stdout.splitlines()[0]
     config = json.loads((tmp_path / "run/config.json").read_text())

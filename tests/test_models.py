@@ -54,6 +54,28 @@ def test_tiny_model_is_deterministic_per_seed():
     assert not torch.equal(a.img_in.weight, c.img_in.weight)
 
 
+def test_tiny_vae_calibration_gives_unit_latents_and_keeps_the_decoder_path():
+    import copy
+
+    from diffsynth.models.qwen_image_vae import QwenImageVAE
+
+    from edittuner.tiny import _calibration_images, calibrate_latent_scale
+    torch.manual_seed(3)
+    raw = QwenImageVAE(**TINY_VAE).eval()
+    calibrated = copy.deepcopy(raw)
+    calibrate_latent_scale(calibrated)
+    images = _calibration_images(count=4)
+    with torch.no_grad():
+        before, after = raw.encode(images), calibrated.encode(images)
+        # decode(encode(x)) is the same function: the rescaling is undone before the decoder sees it.
+        assert torch.allclose(raw.decode(before), calibrated.decode(after), atol=1e-4)
+        flipped = calibrated.encode(images.flip(-1))
+    # Uncalibrated, every latent is a near-constant offset; calibrated, content moves it by its own scale.
+    assert before.std(dim=(0, 2, 3)).mean() < 0.2
+    assert 0.6 < after.std(dim=(0, 2, 3)).mean() < 1.5 and after.mean().abs() < 0.3
+    assert (flipped - after).pow(2).mean().sqrt() > 0.3
+
+
 @pytest.mark.parametrize("old_keys", [False, True])
 def test_official_layout_discovery_and_key_mapping(tmp_path, old_keys):
     dit, encoders = write_official_layout(tmp_path, old_text_encoder_keys=old_keys)

@@ -75,7 +75,7 @@ def test_lbm_training_runs_and_reports_the_bridge_distance(demo_cache, resize, t
     out = tmp_path / "lbm"
     result = train(_cfg(demo_cache, resize, out, optimizer="adamw", learning_rate=5e-3, max_steps=30,
                         eval_samples=4), progress=False)
-    assert result["eval_loss_end"] < 0.5 * result["eval_loss_start"]
+    assert result["eval_loss_end"] < 0.75 * result["eval_loss_start"]
     assert result["bridge_1step_distance_ratio_end"] < result["bridge_1step_distance_ratio_start"]
     summary = json.loads((out / "summary.json").read_text())
     assert "bridge_1step_distance_ratio_end" in summary
