@@ -102,14 +102,21 @@ def reference_prompt_embedder(vl_pixels: int):
     return ReferencePromptEmbedder()
 
 
+def fit_reference(image: Image.Image, resize: ResizeConfig) -> Image.Image:
+    """Size one reference image: the one rule phase 1, sampling and the app share."""
+    return resize_to(image.convert("RGB"), fit_size(*image.size, resize.ref_max_pixels or resize.max_pixels,
+                                                    resize.multiple))
+
+
 def load_references(paths, resize: ResizeConfig) -> list[Image.Image]:
-    """Decode and size reference images: the one rule phase 1 and sampling share."""
-    budget = resize.ref_max_pixels or resize.max_pixels
-    refs = []
-    for path in paths:
-        ref = load_rgb(path)
-        refs.append(resize_to(ref, fit_size(*ref.size, budget, resize.multiple)))
-    return refs
+    return [fit_reference(load_rgb(path), resize) for path in paths]
+
+
+def mask_to_latent_grid(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """An edit mask (white = edited) as the fraction of each 8x8 latent cell it covers, shape (1, h/8, w/8)."""
+    w, h = size
+    grid = mask.convert("L").resize((w, h), Image.Resampling.BILINEAR).resize((w // 8, h // 8), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
 
 
 def prepare_images(sample: Sample, resize: ResizeConfig):
@@ -133,9 +140,7 @@ def encode_images_and_prompt(pipe, embedder, prompt: str, target: Image.Image | 
         tensors["target"] = encode(target)
         tensors["white"] = encode(Image.new("RGB", target.size, (255, 255, 255)))
         if mask is not None:
-            w, h = target.size
-            grid = mask.resize((w // 8, h // 8), Image.Resampling.BOX)
-            tensors["mask"] = torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
+            tensors["mask"] = mask_to_latent_grid(mask, target.size)
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 

@@ -184,8 +184,12 @@ def sample_bridge_time(cfg: BridgeConfig) -> float:
 
 @torch.no_grad()
 def sample_bridge(denoiser: Callable, z_start: torch.Tensor, conditioning: dict, steps: int = 1, sigma: float = 0.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integrate the bridge from z_start (t = 0) to t = 1 in ``steps`` equal steps."""
+                  generator: torch.Generator | None = None,
+                  keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Integrate the bridge from z_start (t = 0) to t = 1 in ``steps`` equal steps.
+
+    ``keep = (mask, known)``: outside the mask the latents are held on the straight bridge from z_start to
+    ``known`` (the source's latents), so they end exactly there."""
     if steps < 1:
         raise EditTunerError(f"--steps {steps}: the bridge needs at least 1 step")
     z = z_start
@@ -195,6 +199,9 @@ def sample_bridge(denoiser: Callable, z_start: torch.Tensor, conditioning: dict,
         prediction = denoiser(latents=z, timestep=timestep, **conditioning).to(z.dtype)
         eps = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z) if t_next < 1 and sigma > 0 else None
         z = bridge_step(z, prediction, t, t_next, sigma, eps)
+        if keep is not None:
+            mask, known = keep
+            z = z * mask + ((1 - t_next) * z_start + t_next * known) * (1 - mask)
     return z
 
 

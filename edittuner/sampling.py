@@ -1,114 +1,365 @@
-"""`edittuner sample`: edit an image with the base model and an optional LoRA.
+"""Editing with the base model and an optional LoRA: `edittuner sample`, the Gradio app and validation previews.
 
-Sampler: ``bridge`` integrates the Latent Bridge Matching path in N steps (default 1) from the first reference's
-latents (main stream) or from a white image's latents (sub stream). Prompt and references are encoded exactly as
-phase 1 encodes them, and the LoRA is fused with the engine's own LoRA loader.
+Two samplers share one conditioning path (prompt and references encoded exactly as phase 1 encodes them):
+
+- ``flow``: the engine's flow-matching scheduler (``FlowMatchScheduler("Qwen-Image")`` with its resolution-
+  dependent shift) from Gaussian noise, with true classifier-free guidance as the engine applies it:
+  v = v_neg + guidance * (v_pos - v_neg), the negative prompt encoded with the same reference images.
+- ``bridge``: the Latent Bridge Matching path in N steps (default 1) from the first reference's latents (main
+  stream) or from a white image's latents (sub stream).
+
+A mask (white = regenerate) keeps everything else: at every step the latents outside the mask are put back on
+the path that ends at the source's latents (the engine's inpainting rule: its ``return_to_timestep`` velocity
+for flow, the bridge interpolant for bridge), so the final latents there *are* the source's latents. Decoding
+then gives the VAE's round trip of the source there; ``keep_unmasked_pixels`` pastes the source's own pixels
+back outside the mask, and the result reports how far the round trip alone would have moved them.
+
+A LoRA is applied next to the base weights by forward hooks (out += strength * B(A(x))) rather than fused:
+swapping it or changing its strength never touches the base, and removing it restores the base exactly.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .atomic import atomic_path
-from .cache import encode_images_and_prompt, load_references, make_encoding_pipe, reference_prompt_embedder
+from .cache import (encode_images_and_prompt, fit_reference, make_encoding_pipe, mask_to_latent_grid,
+                    reference_prompt_embedder)
 from .errors import EditTunerError
-from .images import ResizeConfig
+from .images import ResizeConfig, load_mask, load_rgb
 from .lora import PRESETS, load_lora_file
 from .models import ModelSource
 from .objectives import DiTDenoiser, dit_conditioning, sample_bridge
 
+SAMPLERS = ("flow", "bridge")
+DEFAULT_STEPS = {"flow": 30, "bridge": 1}
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_NEGATIVE_PROMPT = " "  # what the engine's Qwen-Image-Edit examples pass
+
 
 @dataclass(frozen=True)
-class SampleConfig:
-    references: tuple[Path, ...]
-    prompt: str
-    output: Path
-    model: ModelSource = field(default_factory=ModelSource)
-    model_version: str = "2511"
-    lora: Path | None = None
-    lora_strength: float = 1.0
-    sampler: str = "bridge"
-    steps: int = 1
+class SamplerConfig:
+    """How to sample, independent of what: shared by `sample`, the app and validation previews."""
+
+    sampler: str = "flow"
+    steps: int | None = None               # flow: 30, bridge: 1
+    guidance: float = DEFAULT_GUIDANCE      # flow only; 1 disables CFG (one forward per step)
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     seed: int = 0
-    stream: str = "main"
+    stream: str = "main"                   # bridge: start from the first reference (main) or a white image (sub)
     bridge_sigma: float = 0.0
     main_stream_references: bool = True
-    resize: ResizeConfig = field(default_factory=ResizeConfig)
+    keep_unmasked_pixels: bool = True
 
     def __post_init__(self):
-        if not 1 <= len(self.references) <= 3:
-            raise EditTunerError("--image: give 1 to 3 reference images (the first is the one being edited)")
-        if not self.prompt.strip():
-            raise EditTunerError("--prompt: empty; write the edit instruction")
-        if self.sampler != "bridge":
-            raise EditTunerError(f"--sampler {self.sampler}: only 'bridge' is available")
-        if self.steps < 1:
-            raise EditTunerError(f"--steps {self.steps}: must be at least 1")
+        if self.sampler not in SAMPLERS:
+            raise EditTunerError(f"--sampler {self.sampler}: choose flow or bridge")
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
+        if not 1 <= self.steps <= 1000:
+            raise EditTunerError(f"--steps {self.steps}: must be between 1 and 1000")
+        if not 0 <= self.guidance <= 50:
+            raise EditTunerError(f"--guidance {self.guidance}: must be between 0 and 50 (1 disables CFG)")
         if self.stream not in ("main", "sub"):
             raise EditTunerError(f"--stream {self.stream}: choose main or sub")
-        if self.model_version not in PRESETS:
-            raise EditTunerError(f"--model_version {self.model_version}: choose one of {sorted(PRESETS)}")
         if not 0 <= self.bridge_sigma <= 1:
             raise EditTunerError(f"--bridge_sigma {self.bridge_sigma}: must be in [0, 1]")
 
+    @property
+    def uses_cfg(self) -> bool:
+        return self.sampler == "flow" and self.guidance != 1.0
 
-def fuse_lora(dit: torch.nn.Module, path: Path, strength: float) -> None:
-    """W += strength * B @ A for every layer in the file, with the engine's loader; a mismatch is an error."""
-    from diffsynth.utils.lora.general import GeneralLoRALoader
 
-    state = load_lora_file(path)
-    layers = {k.rsplit(".lora_", 1)[0] for k in state}
-    known = {name for name, _ in dit.named_modules()}
-    unknown = sorted(layers - known)
+@dataclass
+class EditResult:
+    image: Image.Image
+    latents: torch.Tensor
+    seconds: float
+    vae_roundoff_outside_mask: float | None = None  # mean |decode(encode(source)) - source| there, 8-bit levels
+
+
+# ---- samplers on latents ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_flow(denoiser, conditioning: dict, negative_conditioning: dict | None, latent_shape, steps: int,
+                guidance: float, generator: torch.Generator, keep: tuple[torch.Tensor, torch.Tensor] | None = None,
+                device=None, dtype=torch.float32) -> torch.Tensor:
+    """The engine's flow-matching sampler from noise; ``keep = (mask, known)`` holds latents outside the mask on
+    the path to ``known`` with the engine's inpainting rule."""
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+
+    scheduler = FlowMatchScheduler("Qwen-Image")
+    height, width = latent_shape[-2:]
+    scheduler.set_timesteps(steps, dynamic_shift_len=(height // 2) * (width // 2))
+    latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+    for t in scheduler.timesteps:
+        timestep = t.reshape(1).to(device=device, dtype=dtype)
+        velocity = denoiser(latents=latents, timestep=timestep, **conditioning)
+        if negative_conditioning is not None:
+            negative = denoiser(latents=latents, timestep=timestep, **negative_conditioning)
+            velocity = negative + guidance * (velocity - negative)
+        if keep is not None:
+            mask, known = keep
+            back_to_known = scheduler.return_to_timestep(t, latents, known)
+            velocity = back_to_known * (1 - mask) + velocity * mask
+        latents = scheduler.step(velocity, t, latents)
+    return latents
+
+
+# ---- LoRA next to the base weights -----------------------------------------------------------------------------
+
+def check_lora_fits(dit: torch.nn.Module, state: dict[str, torch.Tensor], path) -> dict[str, tuple]:
+    """{module name: (A, B)} for a LoRA file, or a clear error if it was made for another model."""
+    pairs: dict[str, dict] = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            module, kind = key.rsplit(".lora_", 1)
+            pairs.setdefault(module, {})[kind[0]] = value
+    if not pairs:
+        raise EditTunerError(f"--lora {path}: no lora_A/lora_B weights in this file; is it a LoRA?")
+    modules = dict(dit.named_modules())
+    unknown = sorted(m for m in pairs if not isinstance(modules.get(m), torch.nn.Linear))
     if unknown:
         raise EditTunerError(f"--lora {path}: {len(unknown)} layers do not exist in this base model "
                              f"(e.g. {unknown[:2]}); it was trained on another model")
-    for key, value in state.items():
-        if ".lora_B." in key:
-            module = dit.get_submodule(key.rsplit(".lora_", 1)[0])
-            if value.shape[0] != module.weight.shape[0]:
-                raise EditTunerError(f"--lora {path}: {key} has shape {tuple(value.shape)}, which does not fit "
-                                     f"this base model's {tuple(module.weight.shape)}; it was trained on another model")
+    fitted = {}
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise EditTunerError(f"--lora {path}: {name} lacks lora_{'B' if 'A' in pair else 'A'}; the file is incomplete")
+        weight = modules[name].weight
+        a, b = pair["A"], pair["B"]
+        if a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0] or a.shape[0] != b.shape[1]:
+            raise EditTunerError(f"--lora {path}: {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, which does not "
+                                 f"fit this base model's {tuple(weight.shape)}; it was trained on another model")
+        fitted[name] = (a, b)
+    return fitted
+
+
+def fuse_lora(dit: torch.nn.Module, path: str | Path, strength: float = 1.0) -> None:
+    """W += strength * B @ A with the engine's own LoRA loader (what diffsynth's ``pipe.load_lora`` does); for
+    one-shot use where hooks' extra matmuls are not wanted. Irreversible: the base weights change."""
+    from diffsynth.utils.lora.general import GeneralLoRALoader
+
+    state = load_lora_file(path)
+    check_lora_fits(dit, state, path)
     loader = GeneralLoRALoader(device=dit.proj_out.weight.device, torch_dtype=dit.proj_out.weight.dtype)
     loader.fuse_lora_to_base_model(dit, state, alpha=strength)
 
 
+class LoraHooks:
+    """One LoRA at a time on a DiT, as forward hooks: the base weights are never written."""
+
+    def __init__(self, dit: torch.nn.Module):
+        self.dit = dit
+        self.handles: list = []
+        self.path: Path | None = None
+        self.strength = 0.0
+
+    def set(self, path: str | Path | None, strength: float = 1.0) -> None:
+        self.remove()
+        if path is None:
+            return
+        weight = self.dit.proj_out.weight
+        fitted = check_lora_fits(self.dit, load_lora_file(path), path)
+        for name, (a, b) in fitted.items():
+            a, b = a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
+            self.handles.append(self.dit.get_submodule(name).register_forward_hook(self._hook(a, b, strength)))
+        self.path, self.strength = Path(path), strength
+
+    @staticmethod
+    def _hook(a: torch.Tensor, b: torch.Tensor, strength: float):
+        def add_lora(module, args, output):
+            return output + strength * torch.nn.functional.linear(torch.nn.functional.linear(args[0], a), b)
+        return add_lora
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.path, self.strength = [], None, 0.0
+
+
+# ---- the editor: base model loaded once ------------------------------------------------------------------------
+
+def _prepare_mask(mask: Image.Image | None, size: tuple[int, int]) -> Image.Image | None:
+    if mask is None:
+        return None
+    mask = mask.convert("L").resize(size, Image.Resampling.NEAREST)
+    binary = mask.point(lambda v: 255 if v >= 128 else 0)
+    if binary.getbbox() is None:
+        raise EditTunerError("--mask: the mask is empty (all black); paint the region to edit white, or drop the mask")
+    return binary
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+class Editor:
+    """The base model and encoders, loaded once; LoRAs come and go without reloading them."""
+
+    def __init__(self, model: ModelSource = ModelSource(), model_version: str = "2511",
+                 resize: ResizeConfig = ResizeConfig(), device: str | None = None, dtype: torch.dtype | None = None):
+        if model_version not in PRESETS:
+            raise EditTunerError(f"--model_version {model_version}: choose one of {sorted(PRESETS)}")
+        model.check(("transformer", "text_encoder", "vae", "processor"))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
+        self.model_version, self.resize = model_version, resize
+        self.dit = model.load_dit(dtype=self.dtype, device=self.device).eval()
+        self.pipe = make_encoding_pipe(model.load_encoders(dtype=self.dtype, device=self.device), self.device,
+                                       self.dtype)
+        self.embedder = reference_prompt_embedder(resize.vl_pixels)
+        self.lora = LoraHooks(self.dit)
+
+    def set_lora(self, path: str | Path | None, strength: float = 1.0) -> None:
+        self.lora.set(path, strength)
+
+    @torch.no_grad()
+    def edit(self, references: list[Image.Image], prompt: str, sampler: SamplerConfig = SamplerConfig(),
+             mask: Image.Image | None = None) -> EditResult:
+        if not 1 <= len(references) <= 3:
+            raise EditTunerError("give 1 to 3 reference images (the first is the one being edited)")
+        if not prompt.strip():
+            raise EditTunerError("the prompt is empty; write the edit instruction")
+        start = time.perf_counter()
+        refs = [fit_reference(r, self.resize) for r in references]
+        size = refs[0].size
+        pixel_mask = _prepare_mask(mask, size)
+        encoded = encode_images_and_prompt(self.pipe, self.embedder, prompt, None, refs, None)
+        negative_prompt_emb = None
+        if sampler.uses_cfg:
+            negative_prompt_emb = self.embedder.process(self.pipe, sampler.negative_prompt, edit_image=refs)["prompt_emb"][0]
+        if sampler.sampler == "bridge" and sampler.stream == "sub":
+            white = Image.new("RGB", size, (255, 255, 255))
+            encoded["white"] = self.pipe.vae.encode(self.pipe.preprocess_image(white))[0]
+        latents = self.sample_latents(encoded, sampler, negative_prompt_emb,
+                                      mask=mask_to_latent_grid(pixel_mask, size) if pixel_mask else None)
+        image = self.decode(latents)
+        roundoff = None
+        if pixel_mask is not None:
+            source = _pixels(refs[0])
+            outside = np.asarray(pixel_mask) == 0
+            round_trip = _pixels(self.decode(encoded["ref.0"][None]))
+            roundoff = float(np.abs(round_trip - source)[outside].mean())
+            if sampler.keep_unmasked_pixels:
+                image = Image.composite(image, refs[0], pixel_mask)
+        return EditResult(image=image, latents=latents, seconds=time.perf_counter() - start,
+                          vae_roundoff_outside_mask=roundoff)
+
+    def sample_latents(self, encoded: dict[str, torch.Tensor], sampler: SamplerConfig,
+                       negative_prompt_emb: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       dit: torch.nn.Module | None = None) -> torch.Tensor:
+        return sample_edit_latents(dit or self.dit, encoded, sampler, self.model_version, self.device, self.dtype,
+                                   negative_prompt_emb, mask)
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        return self.pipe.vae_output_to_image(self.pipe.vae.decode(latents.to(self.device, self.dtype)))
+
+
 @torch.no_grad()
-def edit_latents(cfg: SampleConfig, dit, pipe) -> torch.Tensor:
-    embedder = reference_prompt_embedder(cfg.resize.vl_pixels)
-    refs = load_references(cfg.references, cfg.resize)
-    encoded = encode_images_and_prompt(pipe, embedder, cfg.prompt, None, refs, None)
-    device, dtype = pipe.device, pipe.torch_dtype
-    if cfg.stream == "main":
-        z_start = encoded["ref.0"][None].to(device, dtype)
-    else:
-        white = Image.new("RGB", refs[0].size, (255, 255, 255))
-        z_start = pipe.vae.encode(pipe.preprocess_image(white)).to(device, dtype)
-    conditioning = dit_conditioning(encoded, device, dtype, PRESETS[cfg.model_version].zero_cond_t,
-                                    latent_hw=tuple(z_start.shape[-2:]))
-    if cfg.stream == "main" and not cfg.main_stream_references:
-        conditioning["edit_latents"] = None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return sample_bridge(DiTDenoiser(dit), z_start, conditioning, steps=cfg.steps, sigma=cfg.bridge_sigma,
-                         generator=generator)
+def sample_edit_latents(dit: torch.nn.Module, encoded: dict[str, torch.Tensor], sampler: SamplerConfig,
+                        model_version: str, device, dtype, negative_prompt_emb: torch.Tensor | None = None,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents of the edit of one encoded sample (a phase-1 cache entry or a freshly encoded request).
+
+    ``mask`` is the latent-grid mask (1, h, w), 1 = regenerate; ``negative_prompt_emb`` is needed for CFG."""
+    zero_cond_t = PRESETS[model_version].zero_cond_t
+    known = encoded["ref.0"][None].to(device, dtype)
+    conditioning = dit_conditioning(encoded, device, dtype, zero_cond_t, latent_hw=tuple(known.shape[-2:]))
+    keep = (mask[None].to(device, dtype), known) if mask is not None else None
+    generator = torch.Generator().manual_seed(sampler.seed)
+    denoiser = DiTDenoiser(dit)
+    if sampler.sampler == "bridge":
+        if sampler.stream == "main":
+            z_start = known
+        else:
+            z_start = encoded["white"][None].to(device, dtype) if "white" in encoded else None
+            if z_start is None:
+                raise EditTunerError("--stream sub needs the white image's latents")
+        if sampler.stream == "main" and not sampler.main_stream_references:
+            conditioning["edit_latents"] = None
+        return sample_bridge(denoiser, z_start, conditioning, steps=sampler.steps, sigma=sampler.bridge_sigma,
+                             generator=generator, keep=keep)
+    negative_conditioning = None
+    if sampler.uses_cfg:
+        if negative_prompt_emb is None:
+            raise EditTunerError("guidance != 1 needs the negative prompt's embeddings")
+        negative_conditioning = dict(conditioning, prompt_emb=negative_prompt_emb[None].to(device, dtype),
+                                     prompt_emb_mask=torch.ones((1, negative_prompt_emb.shape[0]), dtype=torch.long,
+                                                                device=device))
+    return sample_flow(denoiser, conditioning, negative_conditioning, tuple(known.shape), sampler.steps,
+                       sampler.guidance, generator, keep=keep, device=device, dtype=dtype)
 
 
-def sample_image(cfg: SampleConfig) -> Path:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg.model.check(("transformer", "text_encoder", "vae", "processor"))
-    dit = cfg.model.load_dit(dtype=dtype, device=device).eval()
-    if cfg.lora:
-        fuse_lora(dit, Path(cfg.lora), cfg.lora_strength)
-    pipe = make_encoding_pipe(cfg.model.load_encoders(dtype=dtype, device=device), device, dtype)
-    latents = edit_latents(cfg, dit, pipe)
-    with torch.no_grad():
-        image = pipe.vae_output_to_image(pipe.vae.decode(latents))
-    output = Path(cfg.output)
+# ---- `edittuner sample` ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """One edit (``references`` + ``prompt`` -> ``output``) or a batch (``dataset_json`` -> ``output_dir``)."""
+
+    output: Path | None = None
+    references: tuple[Path, ...] = ()
+    prompt: str = ""
+    mask: Path | None = None
+    dataset_json: Path | None = None
+    output_dir: Path | None = None
+    use_dataset_masks: bool = False
+    model: ModelSource = field(default_factory=ModelSource)
+    model_version: str = "2511"
+    lora: Path | None = None
+    lora_strength: float = 1.0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
+
+    def __post_init__(self):
+        if self.dataset_json is None:
+            if not 1 <= len(self.references) <= 3:
+                raise EditTunerError("--image: give 1 to 3 reference images (the first is the one being edited), "
+                                     "or --dataset_json for a batch")
+            if not self.prompt.strip():
+                raise EditTunerError("--prompt: empty; write the edit instruction")
+            if self.output is None:
+                raise EditTunerError("--output: name the image file to write")
+        elif self.output_dir is None:
+            raise EditTunerError("--dataset_json needs --output_dir (one image per row is written there)")
+        if self.model_version not in PRESETS:
+            raise EditTunerError(f"--model_version {self.model_version}: choose one of {sorted(PRESETS)}")
+
+
+def _save_image(image: Image.Image, output: Path) -> None:
+    fmt = (output.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
+    if fmt not in ("PNG", "JPEG", "WEBP", "BMP", "TIFF"):
+        raise EditTunerError(f"--output {output}: unknown image type; end it in .png, .jpg or .webp")
+    output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
-        image.save(tmp, format=(output.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-    return output
+        image.save(tmp, format=fmt)
+
+
+def sample_images(cfg: SampleConfig, progress: bool = True) -> list[tuple[Path, EditResult]]:
+    """Run `edittuner sample`: one edit, or one per dataset row (written as ``<id>.png``)."""
+    from tqdm import tqdm
+
+    from .dataset import load_dataset
+
+    if cfg.dataset_json is not None:
+        rows = load_dataset(cfg.dataset_json)
+        jobs = [([load_rgb(p) for p in row.edit_images], row.prompt,
+                 load_mask(row.mask) if cfg.use_dataset_masks and row.mask else None,
+                 Path(cfg.output_dir) / f"{row.id}.png") for row in rows]
+    else:
+        jobs = [([load_rgb(p) for p in cfg.references], cfg.prompt, load_mask(cfg.mask) if cfg.mask else None,
+                 Path(cfg.output))]
+    editor = Editor(cfg.model, cfg.model_version, cfg.resize)
+    editor.set_lora(cfg.lora, cfg.lora_strength)
+    written = []
+    for references, prompt, mask, output in tqdm(jobs, desc="sample", unit="image", disable=not progress or len(jobs) < 2):
+        result = editor.edit(references, prompt, cfg.sampler, mask)
+        _save_image(result.image, output)
+        written.append((output, result))
+    return written

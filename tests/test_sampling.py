@@ -1,63 +1,178 @@
+"""`edittuner sample`: the flow sampler against the engine's own pipeline, mask keeping, LoRA hooks, batch mode."""
+
+import json
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from edittuner.cache import make_encoding_pipe
+from edittuner.cache import fit_reference, make_encoding_pipe, mask_to_latent_grid
 from edittuner.errors import EditTunerError
+from edittuner.images import load_rgb
 from edittuner.lora import PRESETS, inject_lora, set_lora_state
-from edittuner.sampling import SampleConfig, edit_latents, fuse_lora
+from edittuner.sampling import Editor, SamplerConfig, fuse_lora
 from edittuner.tiny import build_tiny_dit, build_tiny_encoders
 
 from conftest import TINY_PIXELS, run_cli
 
-
-def _cfg(demo_dir, resize, **kw):
-    return SampleConfig(references=(demo_dir / "raw/source/03_rocket.png",), prompt="Blur the marked region.",
-                        output=demo_dir / "unused.png", resize=resize, **kw)
+PROMPT = "Blur the marked region."
 
 
-def test_fused_lora_sampling_equals_the_adapter_path(demo_dir, resize, trained_run):
-    """1-step bridge with the LoRA fused by the engine's loader == the same LoRA applied as peft adapters."""
-    out, _, cfg = trained_run
-    lora = load_file(out / "lora.safetensors")
+@pytest.fixture(scope="module")
+def editor(resize):
+    return Editor(resize=resize)
+
+
+@pytest.fixture(scope="module")
+def source(demo_dir):
+    return load_rgb(demo_dir / "raw/source/03_rocket.png")
+
+
+def _box_mask(size, box=(16, 8, 48, 40)):
+    """A rectangle on the 8-pixel latent grid, so that its latent mask is exactly 0/1."""
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_flow_sampler_with_cfg_is_the_engines_pipeline(editor, source, masked):
+    """Same seed, steps, guidance and negative prompt: our image equals diffsynth's QwenImagePipeline's, pixel for
+    pixel, with and without an inpainting mask (the engine blends with the same rule)."""
+    ref = fit_reference(source, editor.resize)
+    mask = _box_mask(ref.size) if masked else None
+    sampler = SamplerConfig(sampler="flow", steps=3, guidance=4.0, seed=7, keep_unmasked_pixels=False)
+    ours = editor.edit([source], PROMPT, sampler, mask=mask)
     pipe = make_encoding_pipe(build_tiny_encoders(0), "cpu", torch.float32)
+    pipe.dit = editor.dit
+    extra = {}
+    if masked:
+        grid = mask_to_latent_grid(mask, ref.size)
+        extra = {"input_image": ref, "inpaint_mask": Image.fromarray((grid[0].numpy() * 255).astype("uint8"))}
+    engine = pipe(prompt=PROMPT, negative_prompt=" ", cfg_scale=4.0, edit_image=[ref], edit_image_auto_resize=False,
+                  height=ref.size[1], width=ref.size[0], seed=7, num_inference_steps=3, zero_cond_t=True,
+                  progress_bar_cmd=lambda x: x, **extra)
+    assert np.array_equal(np.asarray(ours.image), np.asarray(engine))
+    # CFG matters: guidance 1 (one forward per step) gives another image.
+    plain = editor.edit([source], PROMPT, SamplerConfig(sampler="flow", steps=3, guidance=1.0, seed=7), mask=mask)
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(ours.image))
+
+
+@pytest.mark.parametrize("sampler", [SamplerConfig(sampler="flow", steps=4, seed=1),
+                                     SamplerConfig(sampler="bridge", steps=2, bridge_sigma=0.2, seed=1),
+                                     SamplerConfig(sampler="bridge", steps=1, stream="sub")])
+def test_mask_regenerates_only_the_masked_region(editor, source, sampler):
+    ref = fit_reference(source, editor.resize)
+    mask = _box_mask(ref.size)
+    result = editor.edit([source], PROMPT, sampler, mask=mask)
+    with torch.no_grad():
+        known = editor.pipe.vae.encode(editor.pipe.preprocess_image(ref))
+    outside = 1 - mask_to_latent_grid(mask, ref.size)[None]
+    # The latents outside the mask are the source's; inside they are new.
+    assert float(((result.latents - known) * outside).abs().max()) < 1e-5
+    assert float(((result.latents - known) * (1 - outside)).abs().max()) > 1e-2
+    # Pixels outside the mask are the source's exactly (pasted back); the VAE's round-off there is reported.
+    out, src = np.asarray(result.image).astype(int), np.asarray(ref).astype(int)
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(out[keep], src[keep]) and not np.array_equal(out[~keep], src[~keep])
+    assert result.vae_roundoff_outside_mask > 0
+    # Without the paste, pixels away from the mask are the VAE round trip of the source, up to the few levels
+    # the decoder's mid-block attention (global reach) carries over from the new content.
+    raw = editor.edit([source], PROMPT, SamplerConfig(**{**sampler.__dict__, "keep_unmasked_pixels": False}), mask=mask)
+    round_trip = np.asarray(editor.decode(known)).astype(int)
+    far = np.zeros_like(keep)
+    far[:, 72:] = True  # 24+ px right of the mask
+    diff = np.abs(np.asarray(raw.image).astype(int)[far] - round_trip[far])
+    assert diff.mean() < 0.5 and diff.max() <= 6
+
+
+def test_lora_hooks_match_fused_and_training_adapters_and_removal_restores_the_base(editor, source, trained_run):
+    out, _, cfg = trained_run
+    path = out / "lora.safetensors"
+    sampler = SamplerConfig(sampler="bridge", steps=1)
+    base_weights = {k: v.clone() for k, v in editor.dit.state_dict().items()}
+    base = editor.edit([source], PROMPT, sampler).latents
+    editor.set_lora(path, 1.0)
+    hooked = editor.edit([source], PROMPT, sampler).latents
+    editor.set_lora(path, 0.5)
+    half = editor.edit([source], PROMPT, sampler).latents
+    editor.set_lora(None)
+    restored = editor.edit([source], PROMPT, sampler).latents
+    assert all(torch.equal(v, base_weights[k]) for k, v in editor.dit.state_dict().items())
+    assert torch.equal(restored, base)
+    assert not torch.allclose(hooked, base, atol=1e-3) and not torch.allclose(half, hooked, atol=1e-3)
+
+    encoded_dit = {}
     fused = build_tiny_dit(0).eval()
-    fuse_lora(fused, out / "lora.safetensors", 1.0)
+    fuse_lora(fused, path, 1.0)
     adapters = build_tiny_dit(0).eval()
     inject_lora(adapters, PRESETS["2511"].lora_targets, cfg.rank, cfg.alpha)
-    set_lora_state(adapters, lora, cfg.rank, cfg.alpha)
-    base = build_tiny_dit(0).eval()
-    sample_cfg = _cfg(demo_dir, resize, steps=1)
-    a, b, c = (edit_latents(sample_cfg, dit, pipe) for dit in (fused, adapters, base))
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(a, c, atol=1e-3)
-    # 2 steps with the stochastic term: seeded, so repeatable
-    two = _cfg(demo_dir, resize, steps=2, bridge_sigma=0.3, seed=5)
-    torch.testing.assert_close(edit_latents(two, fused, pipe), edit_latents(two, fused, pipe))
+    set_lora_state(adapters, load_file(path), cfg.rank, cfg.alpha)
+    for name, dit in (("fused", fused), ("adapters", adapters)):
+        encoded_dit[name] = editor.sample_latents(_encode(editor, source), sampler, dit=dit)
+    torch.testing.assert_close(encoded_dit["fused"], hooked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(encoded_dit["adapters"], hooked, atol=1e-5, rtol=1e-5)
 
 
-def test_sample_cli_writes_the_edited_image(demo_dir, trained_run, tmp_path):
+def _encode(editor, source):
+    from edittuner.cache import encode_images_and_prompt
+    return encode_images_and_prompt(editor.pipe, editor.embedder, PROMPT, None, [fit_reference(source, editor.resize)],
+                                    None)
+
+
+def test_stochastic_bridge_is_seeded(editor, source):
+    sampler = SamplerConfig(sampler="bridge", steps=2, bridge_sigma=0.3, seed=5)
+    a, b = (editor.edit([source], PROMPT, sampler).latents for _ in range(2))
+    c = editor.edit([source], PROMPT, SamplerConfig(sampler="bridge", steps=2, bridge_sigma=0.3, seed=6)).latents
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sample_cli_single_masked_and_batch(demo_dir, trained_run, tmp_path):
     out, _, _ = trained_run
     target = tmp_path / "edit.png"
+    source = demo_dir / "raw/source/01_chelsea.png"
+    result = run_cli("sample", "--image", source, "--prompt", "Invert it", "--output", target, "--mask",
+                     demo_dir / "raw/mask/01_chelsea.png", "--lora", out / "lora.safetensors", "--max_pixels",
+                     TINY_PIXELS, "--steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "outside the mask the VAE round trip" in result.stdout
+    assert Image.open(target).size == Image.open(source).size
     for stream in ("main", "sub"):
-        result = run_cli("sample", "--image", demo_dir / "raw/source/01_chelsea.png", "--prompt", "Invert it",
-                         "--output", target, "--lora", out / "lora.safetensors", "--max_pixels", TINY_PIXELS,
-                         "--steps", "2", "--stream", stream)
+        result = run_cli("sample", "--image", source, "--prompt", "Invert it", "--output", target, "--sampler",
+                         "bridge", "--stream", stream, "--max_pixels", TINY_PIXELS)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert Image.open(target).size == Image.open(demo_dir / "raw/source/01_chelsea.png").size
+    rows = json.loads((demo_dir / "dataset.json").read_text())
+    result = run_cli("sample", "--dataset_json", demo_dir / "dataset.json", "--output_dir", tmp_path / "batch",
+                     "--use_dataset_masks", "--steps", "1", "--guidance", "1", "--max_pixels", TINY_PIXELS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.stem for p in (tmp_path / "batch").glob("*.png")) == sorted(r["id"] for r in rows)
 
 
-def test_sample_bad_inputs(demo_dir, resize, tmp_path):
+def test_sample_bad_inputs(demo_dir, editor, source, tmp_path):
     foreign = tmp_path / "foreign.safetensors"
     save_file({"blocks.0.q.lora_A.weight": torch.zeros(4, 8), "blocks.0.q.lora_B.weight": torch.zeros(8, 4)}, str(foreign))
     with pytest.raises(EditTunerError, match="do not exist in this base model"):
-        fuse_lora(build_tiny_dit(0), foreign, 1.0)
+        editor.set_lora(foreign)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"img_in.lora_A.weight": torch.zeros(4, 64), "img_in.lora_B.weight": torch.zeros(3072, 4)}, str(wrong))
     with pytest.raises(EditTunerError, match="does not fit"):
         fuse_lora(build_tiny_dit(0), wrong, 1.0)
+    with pytest.raises(EditTunerError, match="no lora_A/lora_B"):
+        editor.set_lora(_not_a_lora(tmp_path))
+    assert not editor.lora.handles
     with pytest.raises(EditTunerError, match="--steps"):
-        _cfg(demo_dir, resize, steps=0)
+        SamplerConfig(steps=0)
+    with pytest.raises(EditTunerError, match="mask is empty"):
+        editor.edit([source], PROMPT, SamplerConfig(steps=1), mask=Image.new("L", source.size, 0))
     result = run_cli("sample", "--image", tmp_path / "missing.png", "--prompt", "p", "--output", tmp_path / "o.png")
     assert result.returncode == 2 and "missing.png" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("sample", "--prompt", "p", "--output", tmp_path / "o.png")
+    assert result.returncode == 2 and "--image" in result.stderr and "Traceback" not in result.stderr
+
+
+def _not_a_lora(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"img_in.weight": torch.zeros(4, 4)}, str(path))
+    return path
