@@ -7,6 +7,7 @@ Per sample, ``samples/<id>.safetensors`` holds:
     ref.K           (16, h_k, w_k) VAE latents of reference K (K = 0, 1, 2)
     white           (16, h, w) VAE latents of a pure-white image the size of the target (bridge training)
     mask            (1, h, w)  the edit mask on the latent grid, in [0, 1] (only when the row has one)
+    negative_prompt_emb (L', D) only in ``validation/``: the CFG negative prompt, encoded with the references
 Its safetensors metadata carries the sample's manifest record, so the manifest can always be rebuilt
 from the files, and a re-run skips every sample whose sources still hash the same.
 """
@@ -18,7 +19,7 @@ import inspect
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ from .models import Encoders, ModelSource
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 IDENTITY = "cache_identity.json"
+VALIDATION_SUBDIR = "validation"       # phase 1 encodes the validation pairs here, in the same format
+DEFAULT_NEGATIVE_PROMPT = " "          # what the engine's Qwen-Image-Edit examples pass
 
 
 def template_identity() -> str:
@@ -129,11 +132,14 @@ def prepare_images(sample: Sample, resize: ResizeConfig):
 
 @torch.no_grad()
 def encode_images_and_prompt(pipe, embedder, prompt: str, target: Image.Image | None, refs: list[Image.Image],
-                             mask: Image.Image | None) -> dict[str, torch.Tensor]:
-    """Everything phase 2 needs for one sample. ``target`` may be None at inference time."""
+                             mask: Image.Image | None, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
+    """Everything phase 2 needs for one sample. ``target`` may be None at inference time; ``negative_prompt``
+    (validation samples) adds the CFG negative's embeddings, encoded with the same references."""
     prompt_emb = embedder.process(pipe, prompt, edit_image=refs)["prompt_emb"][0]
     encode = lambda img: pipe.vae.encode(pipe.preprocess_image(img))[0]  # noqa: E731
     tensors = {"prompt_emb": prompt_emb}
+    if negative_prompt is not None:
+        tensors["negative_prompt_emb"] = embedder.process(pipe, negative_prompt, edit_image=refs)["prompt_emb"][0]
     for k, ref in enumerate(refs):
         tensors[f"ref.{k}"] = encode(ref)
     if target is not None:
@@ -153,6 +159,8 @@ class PrecomputeConfig:
     model_version: str = "2511"
     dtype: str = "auto"
     overwrite: bool = False
+    validation_json: Path | None = None     # encoded into <cache_dir>/validation for phase 2's previews
+    negative_prompt: str | None = None      # set for the validation cache: CFG previews need its embeddings
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -204,6 +212,8 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
     todo, skipped = [], 0
     for sample in mine:
         hashes = source_hashes(sample)
+        if cfg.negative_prompt is not None:
+            hashes["negative_prompt"] = cfg.negative_prompt
         path = cache_dir / "samples" / sample_filename(sample.id)
         if not cfg.overwrite and _existing_record(path, hashes) is not None:
             skipped += 1
@@ -218,7 +228,7 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
         for sample, hashes, path in tqdm(todo, desc=f"phase 1 [{state.process_index}]", unit="sample",
                                          disable=not progress):
             target, refs, mask = prepare_images(sample, cfg.resize)
-            tensors = encode_images_and_prompt(pipe, embedder, sample.prompt, target, refs, mask)
+            tensors = encode_images_and_prompt(pipe, embedder, sample.prompt, target, refs, mask, cfg.negative_prompt)
             tensors = {k: (v.to(dtype) if v.is_floating_point() and k != "mask" else v) for k, v in tensors.items()}
             record = {"id": sample.id, "file": f"samples/{path.name}", "prompt": sample.prompt,
                       "sources": {"image": str(sample.image), "edit_image": [str(p) for p in sample.edit_images],
@@ -234,7 +244,13 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
     if state.is_main_process:
         manifest = write_manifest(cfg, samples, identity, str(dtype).replace("torch.", ""))
     state.wait_for_everyone()
-    return {"encoded": len(todo), "skipped": skipped, "seconds": elapsed, "manifest": manifest}
+    result = {"encoded": len(todo), "skipped": skipped, "seconds": elapsed, "manifest": manifest}
+    if cfg.validation_json is not None:
+        result["validation"] = precompute_cache(replace(
+            cfg, dataset_json=cfg.validation_json, cache_dir=cache_dir / VALIDATION_SUBDIR, validation_json=None,
+            negative_prompt=DEFAULT_NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt),
+            progress=progress)
+    return result
 
 
 def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], identity: dict, dtype: str) -> dict:

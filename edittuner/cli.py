@@ -1,4 +1,4 @@
-"""`edittuner` command line: dataset, precompute, train, sample, demo-data. Bad input exits 2 with one message."""
+"""`edittuner` command line: dataset, precompute, train, sample, demo-data, export-lora. Bad input exits 2 with one message."""
 
 from __future__ import annotations
 
@@ -75,11 +75,14 @@ def cmd_precompute(args) -> None:
     from .models import model_source_from_args
     cfg = PrecomputeConfig(dataset_json=Path(args.dataset_json), cache_dir=Path(args.cache_dir),
                            model=model_source_from_args(args), resize=resize_from_args(args),
-                           model_version=args.model_version, dtype=args.cache_dtype, overwrite=args.overwrite)
+                           model_version=args.model_version, dtype=args.cache_dtype, overwrite=args.overwrite,
+                           validation_json=Path(args.validation_json) if args.validation_json else None)
     result = precompute_cache(cfg)
-    if result["manifest"] is not None:
-        print(f"phase 1: encoded {result['encoded']}, reused {result['skipped']} -> {cfg.cache_dir} "
-              f"({len(result['manifest']['samples'])} samples, {result['seconds']:.1f} s)")
+    for name, part, where in (("", result, cfg.cache_dir), (" validation", result.get("validation"),
+                                                            cfg.cache_dir / "validation")):
+        if part and part["manifest"] is not None:
+            print(f"phase 1{name}: encoded {part['encoded']}, reused {part['skipped']} -> {where} "
+                  f"({len(part['manifest']['samples'])} samples, {part['seconds']:.1f} s)")
 
 
 def cmd_train(args) -> None:
@@ -96,7 +99,9 @@ def cmd_train(args) -> None:
         lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision, resume=args.resume, eval_samples=args.eval_samples,
-        eval_every=args.eval_every, objective=args.objective, optimizer=args.optimizer,
+        eval_every=args.eval_every, objective=args.objective, optimizer=args.optimizer, report_to=args.report_to,
+        validation_steps=args.validation_steps, validation_samples=args.validation_samples,
+        validation_inference_steps=args.validation_inference_steps, validation_guidance=args.validation_guidance,
         flow=FlowMatchConfig(min_timestep_boundary=args.min_timestep_boundary,
                              max_timestep_boundary=args.max_timestep_boundary, **weights),
         bridge=BridgeConfig(sigma=args.bridge_sigma, sub_stream_probability=args.sub_stream_probability,
@@ -119,19 +124,36 @@ def cmd_train(args) -> None:
 
 def cmd_sample(args) -> None:
     from .models import model_source_from_args
-    from .sampling import SampleConfig, sample_image
-    cfg = SampleConfig(references=tuple(Path(p) for p in args.image), prompt=args.prompt, output=Path(args.output),
-                       model=model_source_from_args(args), model_version=args.model_version,
-                       lora=Path(args.lora) if args.lora else None, lora_strength=args.lora_strength,
-                       sampler=args.sampler, steps=args.steps, seed=args.seed, stream=args.stream,
-                       bridge_sigma=args.bridge_sigma, main_stream_references=args.main_stream_references,
-                       resize=resize_from_args(args))
-    print(f"wrote {sample_image(cfg)}")
+    from .sampling import SampleConfig, SamplerConfig, sample_images
+    sampler = SamplerConfig(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                            negative_prompt=args.negative_prompt, seed=args.seed, stream=args.stream,
+                            bridge_sigma=args.bridge_sigma, main_stream_references=args.main_stream_references,
+                            keep_unmasked_pixels=args.keep_unmasked_pixels)
+    cfg = SampleConfig(references=tuple(Path(p) for p in args.image or ()), prompt=args.prompt or "",
+                       output=Path(args.output) if args.output else None, mask=Path(args.mask) if args.mask else None,
+                       dataset_json=Path(args.dataset_json) if args.dataset_json else None,
+                       output_dir=Path(args.output_dir) if args.output_dir else None,
+                       use_dataset_masks=args.use_dataset_masks, model=model_source_from_args(args),
+                       model_version=args.model_version, lora=Path(args.lora) if args.lora else None,
+                       lora_strength=args.lora_strength, sampler=sampler, resize=resize_from_args(args))
+    for output, result in sample_images(cfg):
+        roundoff = ""
+        if result.vae_roundoff_outside_mask is not None:
+            roundoff = (f"; outside the mask the VAE round trip alone moves pixels by "
+                        f"{result.vae_roundoff_outside_mask:.2f}/255 on average"
+                        + (" (source pixels kept there)" if sampler.keep_unmasked_pixels else ""))
+        print(f"wrote {output} ({result.seconds:.1f} s){roundoff}")
 
 
 def cmd_demo_data(args) -> None:
     from .demo import make_demo_dataset
     print(make_demo_dataset(Path(args.out), size=args.size))
+
+
+def cmd_export_lora(args) -> None:
+    from .lora import export_lora
+    source_format = export_lora(Path(args.input), Path(args.output), args.format)
+    print(f"{args.input} ({source_format}) -> {args.output} ({args.format})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="re-encode a cache made with other settings")
+    p.add_argument("--validation_json", default=None,
+                   help="validation pairs (e.g. the generator's <dataset>_val.json), encoded into <cache_dir>/validation "
+                        "for phase 2's previews")
     add_model_args(p)
     add_resize_args(p)
     p.set_defaults(func=cmd_precompute)
@@ -186,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     p.add_argument("--eval_samples", type=int, default=8, help="cache samples in the fixed-noise eval loss (default 8)")
     p.add_argument("--eval_every", type=int, default=0, help="log the eval loss every N steps (0: start and end only)")
+    p.add_argument("--report_to", default="auto", choices=["auto", "wandb", "none"],
+                   help="auto (default): wandb when WANDB_API_KEY or WANDB_MODE is set, else none; project from "
+                        "WANDB_PROJECT (default qwen-image), run name from WANDB_NAME")
+    p.add_argument("--validation_steps", type=int, default=None,
+                   help="write a preview grid every N steps (default 250 when phase 1 encoded --validation_json; 0: off)")
+    p.add_argument("--validation_samples", type=int, default=4, help="validation pairs per preview (default 4)")
+    p.add_argument("--validation_inference_steps", type=int, default=None,
+                   help="sampling steps of the previews (default: flow 20 with CFG, lbm 1 bridge step)")
+    p.add_argument("--validation_guidance", type=float, default=4.0, help="CFG scale of flow previews (default 4)")
     p.add_argument("--min_timestep_boundary", type=float, default=0.0)
     p.add_argument("--max_timestep_boundary", type=float, default=1.0)
     lbm = p.add_argument_group("Latent Bridge Matching (--objective lbm)")
@@ -207,20 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_resize_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="edit an image with the base model and an optional LoRA")
-    p.add_argument("--image", action="append", required=True, help="reference image; repeat for up to 3 (the first is edited)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--output", required=True, help="image file to write")
+    p = sub.add_parser("sample", help="edit an image (or every row of a dataset JSON) with the base model and an optional LoRA")
+    p.add_argument("--image", action="append", help="reference image; repeat for up to 3 (the first is edited)")
+    p.add_argument("--prompt", default=None, help="the edit instruction")
+    p.add_argument("--output", default=None, help="image file to write (.png, .jpg, .webp)")
+    p.add_argument("--mask", default=None, help="optional mask over the first image: white = regenerate, the rest is kept")
+    p.add_argument("--dataset_json", default=None, help="batch mode: one edit per row, written to --output_dir/<id>.png")
+    p.add_argument("--output_dir", default=None, help="batch mode output folder")
+    p.add_argument("--use_dataset_masks", action="store_true", help="batch mode: use each row's back_mask as --mask")
     p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="sets zero_cond_t (2511 on)")
     p.add_argument("--lora", default=None, help="LoRA file (e.g. train/<run>/lora.safetensors)")
     p.add_argument("--lora_strength", type=float, default=1.0)
-    p.add_argument("--sampler", default="bridge", choices=["bridge"], help="bridge: Latent Bridge Matching")
-    p.add_argument("--steps", type=int, default=1, help="bridge steps (default 1)")
+    p.add_argument("--sampler", default="flow", choices=["flow", "bridge"],
+                   help="flow: the engine's flow matching from noise with CFG; bridge: Latent Bridge Matching")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: flow 30, bridge 1)")
+    p.add_argument("--guidance", type=float, default=4.0, help="flow: true CFG scale; 1 disables it (default 4)")
+    p.add_argument("--negative_prompt", default=" ", help="flow: the CFG negative prompt (default ' ')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream", default="main", choices=["main", "sub"],
-                   help="start from the first reference (main) or from a white image (sub)")
-    p.add_argument("--bridge_sigma", type=float, default=0.0, help="stochastic term of the bridge steps (default 0)")
+                   help="bridge: start from the first reference (main) or from a white image (sub)")
+    p.add_argument("--bridge_sigma", type=float, default=0.0, help="bridge: stochastic term of the steps (default 0)")
     p.add_argument("--main_stream_references", type=_on_off, default=True)
+    p.add_argument("--keep_unmasked_pixels", type=_on_off, default=True,
+                   help="with --mask: paste the source's pixels back outside the mask (default on)")
     add_model_args(p)
     add_resize_args(p)
     p.set_defaults(func=cmd_sample)
@@ -229,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/demo")
     p.add_argument("--size", type=int, default=96, help="side of the demo images (default 96)")
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("export-lora", help="convert a LoRA file between the diffsynth, comfyui and diffusers layouts")
+    p.add_argument("--input", required=True, help="LoRA safetensors file in any of the three layouts (detected from its keys)")
+    p.add_argument("--output", required=True, help="file to write")
+    p.add_argument("--format", required=True,
+                   help="diffsynth (ours: diffusion_model.<module>.lora_A/B, scale folded), comfyui (the same plus "
+                        "<module>.alpha, lora_B unfolded) or diffusers (transformer.<module>.lora_A/B, scale folded)")
+    p.set_defaults(func=cmd_export_lora)
     return parser
 
 

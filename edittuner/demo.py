@@ -51,14 +51,11 @@ def _edit(source: Image.Image, mask: Image.Image, index: int) -> tuple[Image.Ima
     return Image.composite(edited, source, mask), prompt, swatch
 
 
-def make_demo_dataset(out: Path, size: int = 96) -> str:
-    """Write out/raw/{target,source,source_2,mask}/ and out/dataset.json; return the generator's summary."""
-    raw = Path(out) / "raw"
+def _write_pairs(raw: Path, pairs: list[tuple[str, Image.Image]], first_index: int) -> None:
     for role in ("target", "source", "source_2", "mask"):
         (raw / role).mkdir(parents=True, exist_ok=True)
-    for index, name in enumerate(PHOTOS):
-        stem = f"{index:02d}_{name}"
-        source = _photo(name, size)
+    for offset, (stem, source) in enumerate(pairs):
+        index = first_index + offset
         mask = _box_mask(source.size, index)
         target, prompt, swatch = _edit(source, mask, index)
         source.save(raw / "source" / f"{stem}.png")
@@ -67,6 +64,18 @@ def make_demo_dataset(out: Path, size: int = 96) -> str:
         (raw / "target" / f"{stem}.txt").write_text(prompt + "\n", encoding="utf-8")
         if swatch is not None:
             swatch.save(raw / "source_2" / f"{stem}.png")
-    report = generate_dataset_json(GenerateConfig(raw_dir=raw, output=Path(out) / "dataset.json", min_size=32),
+
+
+def make_demo_dataset(out: Path, size: int = 96) -> str:
+    """Write out/raw/{target,source,source_2,mask}/ and out/dataset.json, plus held-out validation pairs (mirrored
+    photos with other edits and masks) in out/raw_val/ and out/dataset_val.json; return the generator's summary."""
+    out = Path(out)
+    _write_pairs(out / "raw", [(f"{i:02d}_{name}", _photo(name, size)) for i, name in enumerate(PHOTOS)], 0)
+    # Validation: mirrored photos, other masks; invert on the astronaut (trained: grey), a new swatch on the coffee.
+    held_out = [(f"val_{i:02d}_{PHOTOS[i]}", ImageOps.mirror(_photo(PHOTOS[i], size))) for i in (0, 2)]
+    _write_pairs(out / "raw_val", held_out, len(PHOTOS) + 1)
+    generate_dataset_json(GenerateConfig(raw_dir=out / "raw_val", output=out / "dataset_val.json", min_size=32),
+                          progress=False)
+    report = generate_dataset_json(GenerateConfig(raw_dir=out / "raw", output=out / "dataset.json", min_size=32),
                                    progress=False)
     return report.summary()

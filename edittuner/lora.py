@@ -1,8 +1,18 @@
-"""LoRA on the DiT: presets, injection (peft), and the file format diffsynth's ``pipe.load_lora`` reads.
+"""LoRA on the DiT: presets, injection (peft), and the LoRA file formats.
 
-File format: ``<module>.lora_A.weight`` (r, in) and ``<module>.lora_B.weight`` (out, r) with module names
-as in the DiT state dict; the alpha/rank scale is folded into lora_B so W' = W + B @ A with no alpha key.
-Rank, alpha, targets and the base model version are in the safetensors metadata.
+Our file (format "diffsynth", what training writes): ``diffusion_model.<module>.lora_A.weight`` (r, in) and
+``diffusion_model.<module>.lora_B.weight`` (out, r), module names as in the DiT state dict, no ``.alpha`` keys:
+the scale alpha/rank is folded into lora_B, so W' = W + B @ A. This one layout loads unconverted in diffsynth
+(``pipe.load_lora``: its loader drops ``diffusion_model.``), diffusers (``load_lora_weights``: the Qwen-Image
+loader maps ``diffusion_model.`` to ``transformer.``) and ComfyUI. Metadata: rank, alpha (the training alpha;
+alpha/rank is the scale already folded into lora_B, so a loader applies none: ``alpha_folded_into_lora_B``),
+base_model, target_modules, zero_cond_t.
+
+Other formats (``export_lora``): "diffusers" = ``transformer.<module>.lora_A/B.weight``, folded, as diffusers'
+own writer lays it out; "comfyui" = ``diffusion_model.<module>.lora_A/B.weight`` plus a scalar
+``diffusion_model.<module>.alpha`` with lora_B unfolded (B_file = B * rank / alpha), the same delta.
+Reading accepts all three and the bare ``<module>.lora_A.weight`` layout of older files. In memory, code works on
+the "canonical" form: bare module names, scale folded into lora_B.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path
@@ -77,31 +88,26 @@ def lora_parameters(dit: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]
     return [(n, p) for n, p in dit.named_parameters() if ".lora_A." in n or ".lora_B." in n]
 
 
+NATIVE_FORMAT = "diffsynth"
+FORMATS = ("diffsynth", "comfyui", "diffusers")
+_PREFIX = {"diffsynth": "diffusion_model.", "comfyui": "diffusion_model.", "diffusers": "transformer."}
+_A, _B, _ALPHA = ".lora_A.weight", ".lora_B.weight", ".alpha"
+
+
 def lora_state_dict(dit: torch.nn.Module, rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """The adapters in file format (scale folded into lora_B)."""
+    """The adapters in our file format (scale folded into lora_B)."""
     scale = alpha / rank
     state = {}
     for name, param in lora_parameters(dit):
         key = name.replace(".default.weight", ".weight")
         value = param.detach().float().cpu()
         state[key] = (value * scale if ".lora_B." in key else value).contiguous()
-    return state
-
-
-def save_lora(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict) -> None:
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()})
-
-
-def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise EditTunerError(f"{path}: not a readable LoRA safetensors file ({exc})") from None
+    return to_format(state, NATIVE_FORMAT)
 
 
 def set_lora_state(dit: torch.nn.Module, state: dict[str, torch.Tensor], rank: int, alpha: float) -> None:
-    """Inverse of lora_state_dict, for resuming into freshly injected adapters."""
+    """Inverse of lora_state_dict, for resuming into freshly injected adapters; takes any format we read."""
+    state = canonical_lora(state)
     scale = alpha / rank
     params = dict(lora_parameters(dit))
     for name, param in params.items():
@@ -110,3 +116,139 @@ def set_lora_state(dit: torch.nn.Module, state: dict[str, torch.Tensor], rank: i
             raise EditTunerError(f"LoRA file lacks {key}; it was trained with other targets or another model")
         value = state[key] / scale if ".lora_B." in key else state[key]
         param.data.copy_(value.to(param.dtype))
+
+
+def save_lora(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict) -> None:
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()})
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file, as stored."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        raise EditTunerError(f"{path}: not a readable LoRA safetensors file ({exc})") from None
+
+
+def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A LoRA file of any format we read, in canonical form (bare module names, scale folded into lora_B)."""
+    state, metadata = read_lora_file(path)
+    return canonical_lora(state, peft_scale=_peft_alpha(metadata, path), source=str(path))
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise EditTunerError(f"unknown LoRA format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def detect_format(state: dict[str, torch.Tensor], source: str = "LoRA") -> str:
+    """Which of FORMATS a state dict is in, from its keys (bare keys of older files count as ours)."""
+    if not any(k.endswith((_A, _B)) for k in state):
+        raise EditTunerError(f"{source}: not a LoRA file: no lora_A/lora_B weights (keys look like {sorted(state)[:2]})")
+    if any(k.endswith(_ALPHA) for k in state):
+        return "comfyui"
+    if all(k.startswith(_PREFIX["diffusers"]) for k in state):
+        return "diffusers"
+    return "diffsynth"
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """``[prefix.]<module>.lora_A.weight`` -> (module, "lora_A"); likewise lora_B and alpha; None for other keys."""
+    for prefix in ("diffusion_model.", "transformer."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    for suffix, part in ((_A, "lora_A"), (_B, "lora_B"), (_ALPHA, "alpha")):
+        if key.endswith(suffix):
+            return key[:-len(suffix)], part
+    return None
+
+
+def canonical_lora(state: dict[str, torch.Tensor], peft_scale: float | None = None,
+                   source: str = "LoRA") -> dict[str, torch.Tensor]:
+    """Any format we read -> ``<module>.lora_A.weight`` / ``.lora_B.weight`` with the whole scale in lora_B.
+
+    ``.alpha`` tensors fold in as alpha / rank; ``peft_scale`` is a peft lora_alpha from diffusers' metadata,
+    folded in as lora_alpha / rank for files that have no ``.alpha`` tensors."""
+    detect_format(state, source)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        split = _split_key(key)
+        if split is None:
+            raise EditTunerError(f"{source}: {key} is not a LoRA tensor (expected only lora_A, lora_B and alpha)")
+        modules.setdefault(split[0], {})[split[1]] = value
+    out = {}
+    for name, parts in sorted(modules.items()):
+        if "lora_A" not in parts or "lora_B" not in parts:
+            raise EditTunerError(f"{source}: {name} lacks {'lora_B' if 'lora_A' in parts else 'lora_A'}; "
+                                 "the file is incomplete")
+        down, up = parts["lora_A"], parts["lora_B"]
+        rank = down.shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else peft_scale
+        scale = 1.0 if alpha is None else alpha / rank
+        out[name + _A] = down
+        out[name + _B] = up if scale == 1.0 else up * scale
+    return out
+
+
+def to_format(canonical: dict[str, torch.Tensor], fmt: str, alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """Canonical -> a file layout of FORMATS. For comfyui, ``alpha`` (default: rank) is written per layer and
+    lora_B divided by alpha / rank, so that alpha / rank * B @ A is the same delta."""
+    check_format(fmt)
+    prefix = _PREFIX[fmt]
+    out = {}
+    for key, value in canonical.items():
+        out[prefix + key] = value
+        if fmt == "comfyui" and key.endswith(_B):
+            name = key[:-len(_B)]
+            rank = canonical[name + _A].shape[0]
+            layer_alpha = float(rank) if alpha is None else float(alpha)
+            out[prefix + key] = (value * (rank / layer_alpha)).contiguous()
+            out[prefix + name + _ALPHA] = torch.tensor(layer_alpha)
+    return out
+
+
+def _peft_alpha(metadata: dict[str, str], source) -> float | None:
+    """lora_alpha from diffusers' ``lora_adapter_metadata`` (peft scales by lora_alpha / r on load)."""
+    if "lora_adapter_metadata" not in metadata:
+        return None
+    try:
+        config = json.loads(metadata["lora_adapter_metadata"])
+    except ValueError:
+        raise EditTunerError(f"{source}: unreadable lora_adapter_metadata") from None
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    if config.get("alpha_pattern") or config.get("use_rslora"):
+        raise EditTunerError(f"{source}: per-layer alpha_pattern / use_rslora in lora_adapter_metadata is not supported")
+    return None if config.get("lora_alpha") is None else float(config["lora_alpha"])
+
+
+def _training_alpha(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> float | None:
+    """The alpha a file was trained with: from our metadata, else from its ``.alpha`` tensors if they agree."""
+    try:
+        return float(metadata["alpha"])
+    except (KeyError, ValueError):
+        pass
+    alphas = {float(v) for k, v in state.items() if k.endswith(_ALPHA)}
+    return alphas.pop() if len(alphas) == 1 else None
+
+
+def export_lora(source: str | os.PathLike, output: str | os.PathLike, fmt: str) -> str:
+    """Convert a LoRA file of any format we read into ``fmt``; returns the input's detected format.
+
+    Metadata is carried over, with format, rank, alpha and alpha_folded_into_lora_B set to describe the output
+    (diffusers' peft metadata is dropped: its scale is folded into the tensors)."""
+    check_format(fmt)
+    state, metadata = read_lora_file(source)
+    source_format = detect_format(state, str(source))
+    canonical = canonical_lora(state, peft_scale=_peft_alpha(metadata, source), source=str(source))
+    rank = max(v.shape[0] for k, v in canonical.items() if k.endswith(_A))
+    alpha = _training_alpha(state, metadata)
+    metadata.pop("lora_adapter_metadata", None)
+    metadata.update({"format": fmt, "rank": metadata.get("rank", str(rank)),
+                     "alpha": str(alpha if alpha is not None else float(rank)),
+                     "alpha_folded_into_lora_B": "false" if fmt == "comfyui" else "true"})
+    save_lora(output, to_format(canonical, fmt, alpha), metadata)
+    return source_format

@@ -273,18 +273,26 @@ class ModelSource:
             raise EditTunerError(f"{te_folder}: cannot load the Qwen2.5-VL text encoder ({exc})") from None
         text_encoder = EditTextEncoder.wrap(hf).eval()
 
-        vae_folder = self.folder("vae")
-        vae_config = _read_json(vae_folder / "config.json")
-        vae = QwenImageVAE(**{k: vae_config[k] for k in VAE_CONFIG_KEYS if k in vae_config})
-        load_strict(vae, read_safetensors([vae_folder / "diffusion_pytorch_model.safetensors"], dtype), str(vae_folder))
+        vae = self.load_vae(dtype, device)
 
         processor_folder = self.folder("processor")
         try:
             processor = Qwen2VLProcessor.from_pretrained(str(processor_folder), local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
             raise EditTunerError(f"{processor_folder}: cannot load the Qwen2-VL processor ({exc})") from None
-        return Encoders(text_encoder.to(device), processor, vae.to(device=device, dtype=dtype).eval(),
-                        self.encoder_fingerprint())
+        return Encoders(text_encoder.to(device), processor, vae, self.encoder_fingerprint())
+
+    def load_vae(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> QwenImageVAE:
+        """The VAE alone: phase 2 decodes its validation previews with it (the text encoder stays unloaded)."""
+        if self.uses_tiny_encoders:
+            from .tiny import build_tiny_encoders
+            return build_tiny_encoders(self.tiny_seed).vae.to(device=device, dtype=dtype)
+        self.check(("vae",))
+        vae_folder = self.folder("vae")
+        vae_config = _read_json(vae_folder / "config.json")
+        vae = QwenImageVAE(**{k: vae_config[k] for k in VAE_CONFIG_KEYS if k in vae_config})
+        load_strict(vae, read_safetensors([vae_folder / "diffusion_pytorch_model.safetensors"], dtype), str(vae_folder))
+        return vae.to(device=device, dtype=dtype).eval()
 
 
 def model_source_from_args(args) -> ModelSource:

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path
-from .cache import (encode_images_and_prompt, fit_reference, make_encoding_pipe, mask_to_latent_grid,
-                    reference_prompt_embedder)
+from .cache import (DEFAULT_NEGATIVE_PROMPT, encode_images_and_prompt, fit_reference, make_encoding_pipe,
+                    mask_to_latent_grid, reference_prompt_embedder)
 from .errors import EditTunerError
 from .images import ResizeConfig, load_mask, load_rgb
 from .lora import PRESETS, load_lora_file
@@ -40,7 +40,6 @@ from .objectives import DiTDenoiser, dit_conditioning, sample_bridge
 SAMPLERS = ("flow", "bridge")
 DEFAULT_STEPS = {"flow": 30, "bridge": 1}
 DEFAULT_GUIDANCE = 4.0
-DEFAULT_NEGATIVE_PROMPT = " "  # what the engine's Qwen-Image-Edit examples pass
 
 
 @dataclass(frozen=True)
@@ -259,7 +258,40 @@ class Editor:
                                    negative_prompt_emb, mask)
 
     def decode(self, latents: torch.Tensor) -> Image.Image:
-        return self.pipe.vae_output_to_image(self.pipe.vae.decode(latents.to(self.device, self.dtype)))
+        return decode_latents(self.pipe.vae, latents)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> Image.Image:
+    """VAE-decode (1, 16, h, w) latents to an RGB image, with the engine's [-1, 1] -> uint8 rule."""
+    weight = next(vae.parameters())
+    pixels = vae.decode(latents.to(weight.device, weight.dtype))[0].permute(1, 2, 0)
+    return Image.fromarray(((pixels + 1) * 127.5).clip(0, 255).to("cpu", torch.uint8).numpy())
+
+
+def validation_grid(rows: list[tuple[list[Image.Image], Image.Image, Image.Image, str]],
+                    cell_height: int = 256) -> Image.Image:
+    """One row per validation pair: references | output | target, with the prompt written above it."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    band = 22
+    scaled = []
+    for refs, output, target, prompt in rows:
+        cells = [im.resize((max(1, round(im.width * cell_height / im.height)), cell_height), Image.Resampling.LANCZOS)
+                 for im in (*refs, output, target)]
+        scaled.append((cells, prompt, len(refs)))
+    width = max(sum(c.width for c in cells) + 4 * len(cells) for cells, _, _ in scaled)
+    grid = Image.new("RGB", (width, len(rows) * (cell_height + band + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (cells, prompt, n_refs) in enumerate(scaled):
+        top = r * (cell_height + band + 4)
+        draw.text((4, top + 3), f"{prompt}   [references x{n_refs} | output | target]", fill=(0, 0, 0), font=font)
+        x = 0
+        for cell in cells:
+            grid.paste(cell, (x, top + band))
+            x += cell.width + 4
+    return grid
 
 
 @torch.no_grad()

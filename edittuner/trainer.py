@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .atomic import write_json
-from .cache import CacheReader
+from .atomic import atomic_path, write_json
+from .cache import VALIDATION_SUBDIR, CacheReader
 from .checkpoint import load_state, resolve_resume, save_state, write_checkpoint
 from .errors import EditTunerError
 from .images import ResizeConfig
@@ -27,7 +27,10 @@ from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_st
 from .models import ModelSource
 from .objectives import (BridgeConfig, DiTDenoiser, FlowMatchConfig, bridge_matching_loss, dit_conditioning,
                          flow_matching_loss, sample_bridge, training_scheduler)
-from .tracking import MetricsLog
+from .sampling import SamplerConfig, decode_latents, sample_edit_latents, validation_grid
+from .tracking import REPORT_TO, Tracker
+
+DEFAULT_VALIDATION_STEPS = 250  # when phase 1 made a validation cache and --validation_steps is not given
 
 
 @dataclass
@@ -59,6 +62,11 @@ class TrainConfig:
     resume: str | None = None
     eval_samples: int = 8
     eval_every: int = 0
+    report_to: str = "auto"                   # auto: wandb when WANDB_API_KEY or WANDB_MODE is set, else none
+    validation_steps: int | None = None       # previews every N steps; None: 250 if the cache has validation pairs
+    validation_samples: int = 4
+    validation_inference_steps: int | None = None   # flow: 20, lbm (bridge sampler): 1
+    validation_guidance: float = 4.0
 
     def __post_init__(self):
         if self.model_version not in PRESETS:
@@ -95,10 +103,28 @@ class TrainConfig:
                    f"--mixed_precision {self.mixed_precision}: choose auto, no or bf16"),
                   (self.eval_samples >= 0, f"--eval_samples {self.eval_samples}: must be >= 0"),
                   (self.eval_every >= 0, f"--eval_every {self.eval_every}: must be >= 0 (0: only at start and end)"),
-                  (self.keep_last is None or self.keep_last >= 1, f"--keep_last {self.keep_last}: must be >= 1")]
+                  (self.keep_last is None or self.keep_last >= 1, f"--keep_last {self.keep_last}: must be >= 1"),
+                  (self.report_to in REPORT_TO, f"--report_to {self.report_to}: choose wandb, none or auto"),
+                  (self.validation_steps is None or self.validation_steps >= 0,
+                   f"--validation_steps {self.validation_steps}: must be >= 0 (0 disables previews)"),
+                  (self.validation_samples >= 1, f"--validation_samples {self.validation_samples}: must be >= 1")]
         for ok, message in checks:
             if not ok:
                 raise EditTunerError(message)
+        try:
+            self.validation_sampler  # checked now, not when the first preview is due
+        except EditTunerError as exc:
+            raise EditTunerError(f"--validation_inference_steps / --validation_guidance: {exc}") from None
+
+    @property
+    def validation_sampler(self) -> SamplerConfig:
+        """Previews sample as the objective trains: flow with CFG, or the bridge from the first reference."""
+        steps = self.validation_inference_steps
+        if self.objective == "lbm":
+            return SamplerConfig(sampler="bridge", steps=1 if steps is None else steps, seed=self.seed,
+                                 main_stream_references=self.bridge.main_stream_references)
+        return SamplerConfig(sampler="flow", steps=20 if steps is None else steps, guidance=self.validation_guidance,
+                             seed=self.seed)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -176,6 +202,62 @@ class GracefulStop:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def peak_rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class ValidationPreviews:
+    """Phase 2's previews: the validation pairs phase 1 encoded (``<cache>/validation``), sampled with fixed seeds
+    by the DiT being trained, decoded by the VAE (loaded for this alone) into one grid per step."""
+
+    def __init__(self, cfg: TrainConfig, reader: CacheReader, dit, vae, dtype, device, output_dir: Path, every: int):
+        self.cfg, self.reader, self.dit, self.vae = cfg, reader, dit, vae
+        self.dtype, self.device, self.every = dtype, device, every
+        self.samples = [reader.load(i) for i in range(min(cfg.validation_samples, len(reader)))]
+        self.folder = output_dir / "validation"
+
+    @classmethod
+    def open(cls, cfg: TrainConfig, accelerator, dit, dtype, output_dir: Path) -> "ValidationPreviews | None":
+        folder = Path(cfg.cache_dir) / VALIDATION_SUBDIR
+        every = cfg.validation_steps
+        if every is None:
+            every = DEFAULT_VALIDATION_STEPS if (folder / "manifest.json").is_file() else 0
+        if every == 0:
+            return None
+        if not (folder / "manifest.json").is_file():
+            raise EditTunerError(f"--validation_steps {every}: the cache has no validation pairs ({folder}); run "
+                                 "phase 1 with --validation_json <pairs.json>, or pass --validation_steps 0")
+        reader = CacheReader(folder, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint())
+        if cfg.validation_sampler.uses_cfg and "negative_prompt_emb" not in reader.load(0):
+            raise EditTunerError(f"{folder}: no negative prompt embeddings; re-run phase 1 with --validation_json")
+        vae = cfg.model.load_vae(dtype=dtype, device=accelerator.device) if accelerator.is_main_process else None
+        return cls(cfg, reader, dit, vae, dtype, accelerator.device, output_dir, every)
+
+    @torch.no_grad()
+    def write(self, step: int, tracker: Tracker | None) -> dict:
+        """Sample every pair (every process runs the DiT, so sharded models stay in step); the main process
+        decodes and writes ``validation/step-N.png``. Returns the time it took, kept apart from step time."""
+        start = time.perf_counter()
+        rows = []
+        with torch.random.fork_rng(devices=[]):
+            for sample, record in zip(self.samples, self.reader.records):
+                latents = sample_edit_latents(self.dit, sample, self.cfg.validation_sampler, self.cfg.model_version,
+                                              self.device, self.dtype, sample.get("negative_prompt_emb"))
+                if self.vae is not None:
+                    refs = [decode_latents(self.vae, sample[f"ref.{k}"][None]) for k in range(3) if f"ref.{k}" in sample]
+                    rows.append((refs, decode_latents(self.vae, latents), decode_latents(self.vae, sample["target"][None]),
+                                 record["prompt"]))
+        if self.vae is not None:
+            path = self.folder / f"step-{step:06d}.png"
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                validation_grid(rows).save(tmp, format="PNG")
+            if tracker:
+                tracker.log_image("validation", path, step, caption=f"step {step}: references | output | target")
+        return {"validation_time_s": time.perf_counter() - start}
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
@@ -260,7 +342,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         write_json(output_dir / "config.json", {**cfg.to_json(), "resolved": {
             "mixed_precision": mixed, "processes": accelerator.num_processes, "device": str(accelerator.device),
             "cache_samples": len(reader), "lora_modules": len(params) // 2}})
-    metrics = MetricsLog(output_dir / "metrics.jsonl", truncate_after_step=start_step) if accelerator.is_main_process else None
+    tracker = None
+    if accelerator.is_main_process:
+        tracker = Tracker(output_dir, cfg.report_to, {**cfg.to_json(), "processes": accelerator.num_processes},
+                          start_step=start_step, resumed=resume_dir is not None)
 
     def sample_loss(sample: dict) -> torch.Tensor:
         x1 = sample["target"][None].to(accelerator.device, weight_dtype)
@@ -303,6 +388,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 result["bridge_1step_distance_ratio"] = sum(ratios) / len(ratios)
         return result
 
+    validation = ValidationPreviews.open(cfg, accelerator, dit, weight_dtype, output_dir)
+
+    def previews(step: int) -> dict:
+        with averaged_weights():
+            return validation.write(step, tracker) if validation else {}
+
     eval_start = evaluate()
     world, rank = accelerator.num_processes, accelerator.process_index
     ga = cfg.gradient_accumulation
@@ -343,8 +434,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 record["d"], record["d_lr"] = group["d"], group["d"] * group["lr"]
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 record.update(evaluate())
-            if metrics:
-                metrics.log(record)
+            if validation and ((step + 1) % validation.every == 0 or step + 1 == cfg.max_steps):
+                record.update(previews(step + 1))
+            if torch.cuda.is_available():
+                record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                record["peak_memory_gb"] = peak_rss_gb()
+            if tracker:
+                tracker.log(record)
             bar.update()
             bar.set_postfix(loss=f"{last_loss:.4f}")
             done = step + 1
@@ -354,8 +451,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 stopped_early = True
                 break
     bar.close()
-    if metrics:
-        metrics.close()
+    if tracker:
+        tracker.close()
     if stopped_early:
         if accelerator.is_main_process:
             print(f"stopped at step {done}; checkpoint written. Resume with --resume latest "

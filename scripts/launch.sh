@@ -24,6 +24,7 @@ if [ -z "$MODEL_DIR" ]; then
   STEPS="${STEPS:-60}"; RANK="${RANK:-8}"; GRAD_ACCUM="${GRAD_ACCUM:-2}"
   if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-5e-3}"; fi
   MAX_PIXELS="${MAX_PIXELS:-9216}"; SAVE_EVERY="${SAVE_EVERY:-30}"
+  VALIDATION_STEPS="${VALIDATION_STEPS:-30}"; VALIDATION_INFERENCE_STEPS="${VALIDATION_INFERENCE_STEPS:-8}"
 else
   [ -d "$MODEL_DIR" ] || fail "MODEL_DIR=$MODEL_DIR is not a directory"
   echo "${NAME}: model directory $MODEL_DIR"
@@ -36,7 +37,10 @@ else
   STEPS="${STEPS:-1000}"; RANK="${RANK:-32}"; GRAD_ACCUM="${GRAD_ACCUM:-}"
   if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-1e-4}"; fi
   MAX_PIXELS="${MAX_PIXELS:-1048576}"; SAVE_EVERY="${SAVE_EVERY:-250}"
+  VALIDATION_STEPS="${VALIDATION_STEPS:-250}"; VALIDATION_INFERENCE_STEPS="${VALIDATION_INFERENCE_STEPS:-}"
 fi
+# Validation pairs: the generator's held-out split beside the dataset JSON, unless VALIDATION_JSON names others.
+VALIDATION_JSON="${VALIDATION_JSON-${DATASET_JSON%.json}_val.json}"
 CACHE_DIR="${CACHE_DIR:-data/cache/$(basename "$(dirname "$DATASET_JSON")")-$(basename "$DATASET_JSON" .json)}"
 OUTPUT_DIR="${OUTPUT_DIR:-train/${NAME}_lora}"
 NUM_PROCESSES="${NUM_PROCESSES:-1}"
@@ -72,17 +76,27 @@ if [ ! -f "$DATASET_JSON" ] && [ -z "$MODEL_DIR" ] && [ "$DATASET_JSON" = data/d
   "$PYTHON" -m edittuner demo-data --out data/demo
 fi
 [ -f "$DATASET_JSON" ] || fail "DATASET_JSON=$DATASET_JSON: no such file"
+is_int VALIDATION_STEPS "$VALIDATION_STEPS" 0
+[ -z "$VALIDATION_INFERENCE_STEPS" ] || is_int VALIDATION_INFERENCE_STEPS "$VALIDATION_INFERENCE_STEPS"
+VALIDATION_ARGS=(); PREVIEW_ARGS=(--validation_steps 0)
+if [ -n "$VALIDATION_JSON" ] && [ -f "$VALIDATION_JSON" ]; then
+  VALIDATION_ARGS=(--validation_json "$VALIDATION_JSON")
+  PREVIEW_ARGS=(--validation_steps "$VALIDATION_STEPS")
+  [ -z "$VALIDATION_INFERENCE_STEPS" ] || PREVIEW_ARGS+=(--validation_inference_steps "$VALIDATION_INFERENCE_STEPS")
+elif [ -n "$VALIDATION_JSON" ] && [ "$VALIDATION_JSON" != "${DATASET_JSON%.json}_val.json" ]; then
+  fail "VALIDATION_JSON=$VALIDATION_JSON: no such file"
+fi
 
 RESIZE_ARGS=(--max_pixels "$MAX_PIXELS")
 LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" -m edittuner)
 
 echo "== phase 1: encoding $DATASET_JSON into $CACHE_DIR"
 "${LAUNCH[@]}" precompute --dataset_json "$DATASET_JSON" --cache_dir "$CACHE_DIR" --model_version "$PRESET" \
-  "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}"
+  "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}" "${VALIDATION_ARGS[@]}"
 
 echo "== phase 2: training the DiT LoRA ($OBJECTIVE, $OPTIMIZER) into $OUTPUT_DIR"
 TRAIN_ARGS=(--cache_dir "$CACHE_DIR" --output_dir "$OUTPUT_DIR" --model_version "$PRESET" --max_steps "$STEPS"
   --learning_rate "$LR" --rank "$RANK" --seed "$SEED" --save_every "$SAVE_EVERY"
-  --objective "$OBJECTIVE" --optimizer "$OPTIMIZER" "${LBM_ARGS[@]}")
+  --objective "$OBJECTIVE" --optimizer "$OPTIMIZER" "${LBM_ARGS[@]}" "${PREVIEW_ARGS[@]}")
 [ -z "$GRAD_ACCUM" ] || TRAIN_ARGS+=(--gradient_accumulation "$GRAD_ACCUM")
 "${LAUNCH[@]}" train "${TRAIN_ARGS[@]}" "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}" "$@"

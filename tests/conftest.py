@@ -8,7 +8,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_MODE", "disabled")
+# --report_to auto picks wandb when these are set; tests that want WandB set WANDB_MODE=offline themselves.
+for _var in ("WANDB_MODE", "WANDB_API_KEY"):
+    os.environ.pop(_var, None)
 torch.set_num_threads(1)
 
 TINY_PIXELS = 96 * 96

@@ -73,10 +73,13 @@ def test_lora_file_format(trained_run):
     out, _, cfg = trained_run
     state = load_file(out / "lora.safetensors")
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
-    assert "img_in.lora_A.weight" in state and "proj_out.lora_B.weight" in state
+    # diffusion_model.<module>: the prefix both diffsynth's and diffusers' loaders accept (test_lora_formats.py)
+    assert all(k.startswith("diffusion_model.") for k in state)
+    assert "diffusion_model.img_in.lora_A.weight" in state and "diffusion_model.proj_out.lora_B.weight" in state
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["rank"] == "8" and meta["base_model"] == "Qwen-Image-Edit-2511"
+    assert float(meta["alpha"]) == cfg.alpha and meta["alpha_folded_into_lora_B"] == "true"
     assert "img_in" in json.loads(meta["target_modules"])
     # the final LoRA is the last checkpoint's
     last = load_file(out / "checkpoints/step-40/lora.safetensors")
@@ -98,7 +101,8 @@ def test_lora_loads_into_diffsynth_pipeline_and_changes_output(trained_run):
     pipe.load_lora(pipe.dit, str(out / "lora.safetensors"))
     after = run()
     lora = load_file(out / "lora.safetensors")
-    torch.testing.assert_close(pipe.dit.img_in.weight, base_weight + lora["img_in.lora_B.weight"] @ lora["img_in.lora_A.weight"])
+    torch.testing.assert_close(pipe.dit.img_in.weight, base_weight + lora["diffusion_model.img_in.lora_B.weight"]
+                               @ lora["diffusion_model.img_in.lora_A.weight"])
     diff = (torch.tensor(list(before.getdata()), dtype=torch.float) - torch.tensor(list(after.getdata()), dtype=torch.float)).abs()
     assert diff.mean() > 0.5, diff.mean()
 

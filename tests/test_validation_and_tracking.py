@@ -1,0 +1,140 @@
+"""Validation previews during training and WandB run tracking (offline, read back from the run file)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from edittuner.cache import PrecomputeConfig, precompute_cache
+from edittuner.errors import EditTunerError
+from edittuner.lora import lora_state_dict
+from edittuner.models import ModelSource
+from edittuner.tracking import read_metrics, resolve_report_to
+from edittuner.trainer import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def cache_with_validation(demo_dir, resize, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache_val")
+    result = precompute_cache(PrecomputeConfig(dataset_json=demo_dir / "dataset.json", cache_dir=cache,
+                                               model=ModelSource(), resize=resize,
+                                               validation_json=demo_dir / "dataset_val.json"), progress=False)
+    assert result["validation"]["encoded"] == 2
+    return cache
+
+
+def read_wandb_run(run_dir: Path) -> dict:
+    """History rows, config and run name from an offline run's .wandb file (LevelDB-style log of protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, chunks, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+    out = {"history": [], "config": {}, "name": None, "project": None}
+    for chunk in chunks:
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            out["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                   for item in record.history.item})
+        elif kind == "run":
+            out["name"], out["project"] = record.run.display_name, record.run.project
+            out["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == "config":
+            out["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
+    return out
+
+
+def _cfg(cache, resize, out, **kw):
+    base = dict(cache_dir=cache, output_dir=out, resize=resize, max_steps=6, learning_rate=5e-3, rank=4,
+                gradient_accumulation=1, gradient_checkpointing=False, eval_samples=0, validation_steps=3,
+                validation_inference_steps=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_previews_and_wandb_offline_run(cache_with_validation, resize, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_NAME", "preview-test")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    out = tmp_path / "run"
+    train(_cfg(cache_with_validation, resize, out, report_to="wandb"), progress=False)
+    grids = sorted(p.name for p in (out / "validation").glob("*.png"))
+    assert grids == ["step-000003.png", "step-000006.png"]
+    grid = Image.open(out / "validation/step-000006.png")
+    assert grid.height > 2 * 96  # one row per validation pair
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "validation_time_s" in m] == [3, 6]
+    assert all(m["peak_memory_gb"] > 0 and m["step_time_s"] > 0 for m in metrics)
+
+    run = read_wandb_run(next((out / "wandb").glob("offline-run-*")))
+    assert run["project"] == "qwen-image" and run["name"] == "preview-test"
+    assert run["config"]["learning_rate"] == 0.005 and run["config"]["rank"] == 4
+    logged = {}
+    for row in run["history"]:
+        logged.setdefault(row["_step"], {}).update(row)
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    for step, row in logged.items():
+        assert row["loss"] == pytest.approx(metrics[step - 1]["loss"])
+        assert {"lr", "grad_norm", "step_time_s", "samples_per_s", "peak_memory_gb"} <= set(row)
+    assert [s for s, row in logged.items() if row.get("validation/_type") == "image-file"] == [3, 6]
+    assert (out / "wandb_run_id.txt").is_file()
+
+
+def test_schedule_free_previews_use_the_averaged_weights(cache_with_validation, resize, tmp_path, monkeypatch):
+    """The DiT that samples the last preview carries exactly the LoRA that is written at the end (the average)."""
+    import edittuner.trainer as trainer_module
+
+    seen = []
+    original = trainer_module.sample_edit_latents
+
+    def recording(dit, *args, **kwargs):
+        seen.append(lora_state_dict(dit, 4, 4.0))
+        return original(dit, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sample_edit_latents", recording)
+    out = tmp_path / "sf"
+    train(_cfg(cache_with_validation, resize, out, optimizer="prodigy_sf", learning_rate=None, objective="lbm",
+               report_to="none"), progress=False)
+    from safetensors.torch import load_file
+    final = load_file(out / "lora.safetensors")
+    last = seen[-1]
+    assert all(torch.allclose(last[k], final[k], atol=1e-6) for k in final)
+    # ...and not the training view, which differs from the average under schedule-free.
+    assert len(seen) == 4  # 2 pairs x 2 previews, bridge sampler for lbm
+
+
+def test_validation_flags_and_report_to(demo_cache, resize, tmp_path, monkeypatch):
+    with pytest.raises(EditTunerError, match="no validation pairs"):
+        train(_cfg(demo_cache, resize, tmp_path / "r"), progress=False)
+    with pytest.raises(EditTunerError, match="--validation_inference_steps"):
+        _cfg(demo_cache, resize, tmp_path / "r", validation_inference_steps=0)
+    with pytest.raises(EditTunerError, match="--report_to"):
+        _cfg(demo_cache, resize, tmp_path / "r", report_to="tensorboard")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_report_to("auto") == "none"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_report_to("auto") == "wandb" and resolve_report_to("none") == "none"
+    # No validation cache and no flag: no previews, no error.
+    train(_cfg(demo_cache, resize, tmp_path / "plain", validation_steps=None, max_steps=2, report_to="none"),
+          progress=False)
+    assert not (tmp_path / "plain/validation").exists()
