@@ -1,5 +1,5 @@
-"""Benchmarks for split-phase training. `python -m benchmarks run [--quick]` writes benchmarks/results/latest.json
-and rewrites the generated section of BENCHMARKS.md. Every figure is a ratio against a baseline timed in the same run.
+"""Benchmarks. `python -m benchmarks run [--quick]` writes benchmarks/results/latest.json and rewrites the
+generated sections of BENCHMARKS.md (training, sampling, previews here; the app's latency in app_latency.py). Every figure is a ratio against a baseline timed in the same run.
 
 Model: the tiny text encoder and VAE, with a wider DiT than the tiny one (4 blocks, width 256) so that compute,
 not Python bookkeeping, dominates a step, at a 256x256 target with one 256x256 reference.
@@ -193,6 +193,47 @@ def bench_lbm(work: Path, steps: int) -> dict:
     return result
 
 
+def bench_sampling(work: Path, repeats: int) -> dict:
+    """Time per edited image on the built-in tiny model (encode prompt + reference, sample, decode), 256x256:
+    flow matching with 30 steps and true CFG against 1/2/4-step bridge sampling."""
+    from edittuner.images import load_rgb
+    from edittuner.sampling import Editor, SamplerConfig
+    editor = Editor(resize=ResizeConfig(max_pixels=SIZE * SIZE))
+    source = load_rgb(work / "demo/raw/source/00_astronaut.png")
+    prompt = "Make the marked region black and white."
+    result = {"flow_30_cfg_s": median_time(lambda: editor.edit([source], prompt, SamplerConfig(sampler="flow", steps=30)),
+                                           repeats, warmup=1)}
+    for n in (1, 2, 4):
+        sampler = SamplerConfig(sampler="bridge", steps=n)
+        result[f"bridge_{n}_s"] = median_time(lambda: editor.edit([source], prompt, sampler), repeats * 3, warmup=1)
+        result[f"flow_over_bridge{n}"] = result["flow_30_cfg_s"] / result[f"bridge_{n}_s"]
+    return result
+
+
+def bench_previews(work: Path, dataset: Path, steps: int) -> dict:
+    """What validation previews add to a training step at their default interval: one preview of 4 pairs (flow,
+    20 steps, CFG, decode, grid) timed inside a run of the bench DiT, spread over DEFAULT_VALIDATION_STEPS steps."""
+    from edittuner.trainer import DEFAULT_VALIDATION_STEPS
+    resize = ResizeConfig(max_pixels=SIZE * SIZE)
+    model = ModelSource(transformer_dir=str(work / "transformer"))
+    pairs = work / "validation.json"
+    pairs.write_text(json.dumps(json.loads(dataset.read_text())[:4]))
+    cache = work / "cache-val"
+    precompute_cache(PrecomputeConfig(dataset_json=dataset, cache_dir=cache, model=model, resize=resize,
+                                      validation_json=pairs), progress=False)
+    run = work / "run-previews"
+    cfg = TrainConfig(cache_dir=cache, output_dir=run, model=model, resize=resize, max_steps=steps + 2, rank=32,
+                      gradient_accumulation=1, gradient_checkpointing=False, save_every=10_000, eval_samples=0,
+                      validation_steps=steps + 2, report_to="none")
+    train(cfg, progress=False)
+    metrics = read_metrics(run / "metrics.jsonl")
+    step = statistics.median(m["step_time_s"] for m in metrics[2:])
+    preview = metrics[-1]["validation_time_s"]
+    return {"step_s": step, "preview_s": preview, "interval": DEFAULT_VALIDATION_STEPS,
+            "extra_per_step_s": preview / DEFAULT_VALIDATION_STEPS,
+            "step_with_previews_over_step": (step + preview / DEFAULT_VALIDATION_STEPS) / step}
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}, CPU"
 
@@ -228,6 +269,27 @@ def render(results: dict) -> str:
                      f"{lbm[f'flow30_over_bridge{n}']:.1f} |")
     lines.append(f"| LBM step without reference tokens (main stream) | {lbm['lbm_step_without_refs_s'] * 1000:.0f} ms | "
                  f"with them: {lbm['lbm_step_with_refs_s'] * 1000:.0f} ms | {lbm['with_over_without_refs']:.2f} |")
+    sampling, previews = results["sampling"], results["previews"]
+    lines += [
+        "",
+        f"Sampling one edit on the built-in tiny model ({SIZE}x{SIZE}; prompt and reference encoding, sampling, VAE decode):",
+        "",
+        "| figure | value | baseline (same run) | ratio (baseline / value) |",
+        "|---|---|---|---|",
+    ]
+    for n in (1, 2, 4):
+        lines.append(f"| bridge sampler, {n} step{'s' if n > 1 else ''} | {sampling[f'bridge_{n}_s'] * 1000:.0f} ms | "
+                     f"flow, 30 steps with CFG 4: {sampling['flow_30_cfg_s'] * 1000:.0f} ms | {sampling[f'flow_over_bridge{n}']:.1f} |")
+    lines += [
+        "",
+        f"Validation previews (bench DiT, 4 pairs, flow 20 steps with CFG, decode and grid), every {previews['interval']} steps (the default):",
+        "",
+        "| figure | value | baseline (same run) | ratio |",
+        "|---|---|---|---|",
+        f"| one preview | {previews['preview_s']:.2f} s | | |",
+        f"| step + its share of previews | {(previews['step_s'] + previews['extra_per_step_s']) * 1000:.1f} ms | "
+        f"phase-2 step: {previews['step_s'] * 1000:.1f} ms | {previews['step_with_previews_over_step']:.3f} |",
+    ]
     return "\n".join(lines)
 
 
@@ -258,6 +320,8 @@ def main(argv=None) -> int:
                    "machine": machine(), "date": datetime.date.today().isoformat(),
                    "dataset": generation, "phase2": bench_phase2(work, dataset, steps)}
         results["lbm"] = bench_lbm(work, steps)
+        results["sampling"] = bench_sampling(work, 2 if args.quick else 3)
+        results["previews"] = bench_previews(work, dataset, steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = ROOT / "benchmarks/results"
@@ -267,7 +331,9 @@ def main(argv=None) -> int:
     print(text)
     if not args.quick:
         update_benchmarks_md(text)
-    return 0
+    # The app's click-to-result latency: its own module (a server on a free loopback port), same run.
+    from benchmarks.app_latency import main as app_latency
+    return app_latency(["--quick"] if args.quick else [])
 
 
 if __name__ == "__main__":
