@@ -10,10 +10,14 @@ Per sample, ``samples/<id>.safetensors`` holds:
     negative_prompt_emb (L', D) only in ``validation/``: the CFG negative prompt, encoded with the references
 Its safetensors metadata carries the sample's manifest record, so the manifest can always be rebuilt
 from the files, and a re-run skips every sample whose sources still hash the same.
+The manifest's copy of each record adds ``file_sha256``, the sha256 of the cache file's bytes as phase 1 wrote
+them: ``CacheReader.load`` checks it (once per file per process) and a re-run re-encodes a file that no longer
+matches it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import json
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -169,16 +174,41 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def _existing_record(path: Path, content: dict) -> dict | None:
-    """The record of an already-encoded sample whose sources are unchanged, else None."""
+def _existing_record(path: Path, content: dict, expected_file_sha256: str | None = None) -> tuple[dict, str] | None:
+    """(record, file sha256) of an already-encoded sample whose sources are unchanged, else None.
+
+    ``expected_file_sha256`` is the file's hash in the previous manifest: a file altered since (tampered, or
+    torn by a broken disk) is re-encoded. Without a previous manifest (a run killed before writing it) the
+    file is trusted if its header parses and its source hashes match.
+    """
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             record = json.loads(f.metadata()["record"])
+        file_sha256 = sha256_file(path)
     except Exception:  # a torn or foreign file: re-encode it
         return None
-    return record if record.get("hashes") == content else None
+    if expected_file_sha256 is not None and file_sha256 != expected_file_sha256:
+        return None
+    return (record, file_sha256) if record.get("hashes") == content else None
+
+
+def _previous_file_hashes(cache_dir: Path) -> dict[str, str]:
+    """file -> sha256 from the manifest of an earlier run, if there is a readable one."""
+    try:
+        manifest = json.loads((cache_dir / MANIFEST).read_text(encoding="utf-8"))
+        return {r["file"]: r["file_sha256"] for r in manifest["samples"] if r.get("file_sha256")}
+    except Exception:  # none yet, or unreadable: fall back to the per-file checks
+        return {}
+
+
+def _disk_error(exc: OSError, what: str, cache_dir: Path) -> EditTunerError:
+    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    cause = "the disk is full" if full else (exc.strerror or str(exc))
+    return EditTunerError(f"{what}: {cause}; every sample encoded so far is kept in {cache_dir}. "
+                          f"{'Free some space' if full else 'Fix the problem'} and re-run `edittuner precompute` "
+                          "with the same flags: it reuses them and encodes the rest")
 
 
 def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
@@ -209,13 +239,18 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
     device = state.device
     dtype = _resolve_dtype(cfg.dtype, device)
     mine = samples[state.process_index::state.num_processes]
+    previous = _previous_file_hashes(cache_dir)
+    file_hashes: dict[str, str] = {}    # "samples/<name>" -> sha256 of the file, for the manifest
     todo, skipped = [], 0
     for sample in mine:
         hashes = source_hashes(sample)
         if cfg.negative_prompt is not None:
             hashes["negative_prompt"] = cfg.negative_prompt
         path = cache_dir / "samples" / sample_filename(sample.id)
-        if not cfg.overwrite and _existing_record(path, hashes) is not None:
+        name = f"samples/{path.name}"
+        existing = None if cfg.overwrite else _existing_record(path, hashes, previous.get(name))
+        if existing is not None:
+            file_hashes[name] = existing[1]
             skipped += 1
         else:
             todo.append((sample, hashes, path))
@@ -235,15 +270,27 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
                                   "back_mask": str(sample.mask) if sample.mask else None},
                       "hashes": hashes, "target_size": list(target.size),
                       "shapes": {k: list(v.shape) for k, v in tensors.items()}}
-            with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata={"record": json.dumps(record), "format": str(CACHE_FORMAT)})
+            try:
+                with atomic_path(path) as tmp:
+                    save_file(tensors, str(tmp), metadata={"record": json.dumps(record), "format": str(CACHE_FORMAT)})
+                    file_hashes[record["file"]] = sha256_file(tmp)
+            except OSError as exc:
+                raise _disk_error(exc, f"writing cache file {path}", cache_dir) from None
     elapsed = time.perf_counter() - start
 
+    shard = cache_dir / f".file_hashes.{state.process_index}.json"
+    if state.num_processes > 1:
+        write_json(shard, file_hashes)
     state.wait_for_everyone()
     manifest = None
     if state.is_main_process:
-        manifest = write_manifest(cfg, samples, identity, str(dtype).replace("torch.", ""))
+        for rank in range(1, state.num_processes):
+            other = cache_dir / f".file_hashes.{rank}.json"
+            file_hashes.update(json.loads(other.read_text(encoding="utf-8")))
+        manifest = write_manifest(cfg, samples, identity, str(dtype).replace("torch.", ""), file_hashes)
     state.wait_for_everyone()
+    if state.num_processes > 1:
+        shard.unlink(missing_ok=True)
     result = {"encoded": len(todo), "skipped": skipped, "seconds": elapsed, "manifest": manifest}
     if cfg.validation_json is not None:
         result["validation"] = precompute_cache(replace(
@@ -253,13 +300,18 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
     return result
 
 
-def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], identity: dict, dtype: str) -> dict:
+def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], identity: dict, dtype: str,
+                   file_hashes: dict[str, str] | None = None) -> dict:
+    """The manifest: each file's record plus ``file_sha256`` (from ``file_hashes``, hashed here if missing)."""
     cache_dir = Path(cfg.cache_dir)
+    file_hashes = file_hashes or {}
     records = []
     for sample in samples:
         path = cache_dir / "samples" / sample_filename(sample.id)
         with safe_open(str(path), framework="pt") as f:
-            records.append(json.loads(f.metadata()["record"]))
+            record = json.loads(f.metadata()["record"])
+        record["file_sha256"] = file_hashes.get(record["file"]) or sha256_file(path)
+        records.append(record)
     manifest = {"format": CACHE_FORMAT, "identity": identity, "model_version": cfg.model_version,
                 "model": cfg.model.describe(), "dtype": dtype, "dataset_json": str(Path(cfg.dataset_json).resolve()),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "samples": records}
@@ -271,7 +323,7 @@ class CacheReader:
     """Phase 2's view of a cache: checked against the run's encoders and resize settings, then read per sample."""
 
     def __init__(self, cache_dir: str | os.PathLike, expected_resize: ResizeConfig | None = None,
-                 expected_encoders: str | None = None):
+                 expected_encoders: str | None = None, expected_model_version: str | None = None):
         self.cache_dir = Path(cache_dir)
         manifest_path = self.cache_dir / MANIFEST
         if not manifest_path.is_file():
@@ -293,18 +345,41 @@ class CacheReader:
             raise EditTunerError(f"cache {self.cache_dir} was made with other encoders ({identity.get('encoders')}) "
                                  f"than this run's model ({expected_encoders}); re-run phase 1 with this model "
                                  "into a new --cache_dir")
+        cached_version = self.manifest.get("model_version")
+        if expected_model_version is not None and cached_version != expected_model_version:
+            raise EditTunerError(
+                f"cache {self.cache_dir} was made for --model_version {cached_version}, but this run trains "
+                f"--model_version {expected_model_version}; re-run `edittuner precompute --model_version "
+                f"{expected_model_version}` on this --cache_dir (it reuses every encoded sample and only rewrites the "
+                f"manifest), or train with --model_version {cached_version}")
         if identity.get("templates") != template_identity():
             raise EditTunerError(f"cache {self.cache_dir} was made with other prompt templates "
                                  f"({identity.get('templates')}, now {template_identity()}); re-run phase 1")
         self.records = self.manifest["samples"]
+        self._verified: set[int] = set()   # files whose bytes matched file_sha256 (checked once per process)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
-        path = self.cache_dir / self.records[index]["file"]
+        """One sample's tensors. The first load of each file checks its bytes against the manifest's
+        ``file_sha256`` (caches made before it was recorded are read unchecked)."""
+        record = self.records[index]
+        path = self.cache_dir / record["file"]
+        expected = record.get("file_sha256")
         try:
-            return load_file(str(path))
+            if index in self._verified or not expected:
+                return load_file(str(path))
+            data = path.read_bytes()
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                raise EditTunerError(
+                    f"{path}: cache file changed on disk since phase 1 wrote it (sha256 {actual[:16]}..., the "
+                    f"manifest has {expected[:16]}...); re-run `edittuner precompute` with the same flags: it "
+                    "re-encodes this sample")
+            tensors = load_safetensors_bytes(data)
+            self._verified.add(index)
+            return tensors
         except (OSError, RuntimeError, ValueError) as exc:
             raise EditTunerError(f"{path}: unreadable cache file ({exc}); re-run `edittuner precompute` "
                                  "(it re-encodes missing or broken samples)") from None

@@ -6,6 +6,7 @@ leaves the previous checkpoints intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -73,10 +74,27 @@ def checkpoint_steps(checkpoints_dir: Path) -> list[int]:
 
 
 def write_checkpoint(checkpoints_dir: Path, step: int, write_files, keep_last: int | None = None) -> Path:
-    """``write_files(tmp_dir)`` fills a temporary directory that then becomes checkpoints/step-N."""
+    """``write_files(tmp_dir)`` fills a temporary directory that then becomes checkpoints/step-N.
+
+    If writing fails (a full disk, say), the temporary directory is removed, no step-N appears, the earlier
+    checkpoints are left as they were (``keep_last`` prunes only after a successful save), and the error says
+    which checkpoint is the last good one.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / f"step-{step}"
-    with atomic_dir(final) as tmp:
-        write_files(tmp)
+    try:
+        with atomic_dir(final) as tmp:
+            write_files(tmp)
+    except OSError as exc:
+        steps = checkpoint_steps(checkpoints_dir)   # a failed save never touches an existing step-N
+        last = (f"the last good checkpoint is {checkpoints_dir / f'step-{steps[-1]}'} (resume from it with "
+                "--resume latest)") if steps else "there is no earlier checkpoint"
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            cause = f"the disk is full ({exc.strerror or exc}); free some disk space"
+        else:
+            cause = f"{exc.strerror or exc}; fix the problem"
+        raise EditTunerError(f"could not save checkpoint {final}: {cause}. Nothing was left half-written and {last}"
+                             ) from None
     if keep_last:
         for old in checkpoint_steps(checkpoints_dir)[:-keep_last]:
             shutil.rmtree(checkpoints_dir / f"step-{old}", ignore_errors=True)

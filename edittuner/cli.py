@@ -100,6 +100,7 @@ def cmd_train(args) -> None:
         save_every=args.save_every, keep_last=args.keep_last, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision, resume=args.resume, eval_samples=args.eval_samples,
         eval_every=args.eval_every, objective=args.objective, optimizer=args.optimizer, report_to=args.report_to,
+        deepspeed_config=Path(args.deepspeed_config) if args.deepspeed_config else None,
         validation_steps=args.validation_steps, validation_samples=args.validation_samples,
         validation_inference_steps=args.validation_inference_steps, validation_guidance=args.validation_guidance,
         flow=FlowMatchConfig(min_timestep_boundary=args.min_timestep_boundary,
@@ -112,7 +113,7 @@ def cmd_train(args) -> None:
                             main_stream_references=args.main_stream_references,
                             normalize_velocity=args.normalize_velocity, **weights))
     result = train(cfg)
-    if result["lora"]:
+    if result["lora"] and int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
         evals = ""
         if result.get("eval_loss_start") is not None:
             evals = f", fixed-noise eval loss {result['eval_loss_start']:.4f} -> {result['eval_loss_end']:.4f}"
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     p.add_argument("--eval_samples", type=int, default=8, help="cache samples in the fixed-noise eval loss (default 8)")
     p.add_argument("--eval_every", type=int, default=0, help="log the eval loss every N steps (0: start and end only)")
+    p.add_argument("--deepspeed_config", default=None,
+                   help="DeepSpeed JSON (e.g. accelerate_configs/zero3.json): train under ZeRO, driven directly "
+                        "(launch with torchrun or accelerate launch --config_file accelerate_configs/zero3.yaml)")
     p.add_argument("--report_to", default="auto", choices=["auto", "wandb", "none"],
                    help="auto (default): wandb when WANDB_API_KEY or WANDB_MODE is set, else none; project from "
                         "WANDB_PROJECT (default qwen-image), run name from WANDB_NAME")

@@ -8,10 +8,17 @@ Raw layout (files pair by identical stem, any image extension):
     ref_gt/      optional                           -> "ref_gt"
     mask/        optional edit mask (white = edit)  -> "back_mask"
 Prompts: target/<stem>.txt, else prompts.jsonl ({"id": stem, "prompt": ...}) in the raw folder, else --prompt.
+Text files must be UTF-8 (a BOM is fine); a prompt file in another encoding skips its sample (reason recorded).
+
+Paths in a dataset JSON (``load_dataset``): relative ones resolve against the JSON's folder and may not leave it
+(``..``) unless a data root is given; absolute ones are taken as written. With a data root (``root=`` or the
+environment variable EDITTUNER_DATA_ROOT) every path, relative or absolute and after following symbolic links,
+must lie inside that root.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -24,7 +31,7 @@ from tqdm import tqdm
 
 from .atomic import write_json
 from .errors import EditTunerError
-from .images import IMAGE_EXTENSIONS, probe_image
+from .images import IMAGE_EXTENSIONS, ImageTooLarge, probe_image
 
 REFERENCE_ROLES = ("source", "source_2", "source_3")
 ROLES = ("target",) + REFERENCE_ROLES + ("ref_gt", "mask")
@@ -77,45 +84,83 @@ class GenerateReport:
 
 
 def _index_folder(folder: Path) -> dict[str, list[Path]]:
+    """Image files by stem. Symbolic links are listed whatever they point at (broken links and loops too), so
+    that the probe reports them as skipped samples instead of their stems silently going missing."""
     by_stem: dict[str, list[Path]] = {}
     if folder.is_dir():
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                    continue
+                try:
+                    listed = entry.is_symlink() or entry.is_file()
+                except OSError:
+                    listed = True
+                if listed:
                     by_stem.setdefault(os.path.splitext(entry.name)[0], []).append(Path(entry.path))
     return by_stem
+
+
+def _decode_text(data: bytes, path: Path) -> str:
+    """UTF-8 (with or without BOM), or EditTunerError naming the file and the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EditTunerError(f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                             "re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
+def _read_prompt_file(path: Path) -> tuple[str | None, str | None]:
+    """(prompt, None) or (None, skip reason) for target/<stem>.txt."""
+    try:
+        return _decode_text(path.read_bytes(), path), None
+    except EditTunerError as exc:
+        return None, f"prompt not UTF-8: {exc}"
+    except OSError as exc:
+        return None, f"unreadable prompt: {path}: {exc.strerror or exc}"
 
 
 def _read_prompts_jsonl(path: Path) -> dict[str, str]:
     prompts = {}
     if not path.is_file():
         return prompts
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                prompts[str(record["id"])] = str(record["prompt"])
-            except (ValueError, KeyError, TypeError):
-                raise EditTunerError(f"{path}, line {number}: expected a JSON object with \"id\" and \"prompt\"") from None
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise EditTunerError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    for number, raw_line in enumerate(lines, 1):
+        try:
+            line = _decode_text(raw_line, path)
+        except EditTunerError as exc:
+            raise EditTunerError(f"{exc}".replace(f"{path}:", f"{path}, line {number}:", 1)) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompts[str(record["id"])] = str(record["prompt"])
+        except (ValueError, KeyError, TypeError):
+            raise EditTunerError(f"{path}, line {number}: expected a JSON object with \"id\" and \"prompt\"") from None
     return prompts
 
 
 def _check_sample(task: tuple) -> tuple[dict | None, str | None]:
     """Validate one sample's files (in a worker process). Returns (row, None) or (None, reason)."""
-    stem, paths, prompt, out_dir, verify, min_size, strict_size = task
+    stem, paths, prompt, prompt_problem, out_dir, verify, min_size, strict_size = task
     if "source" not in paths:
         return None, "missing partner: no source/ image with this stem"
     for role, candidates in paths.items():
         if len(candidates) > 1:
             return None, f"ambiguous: {role}/ has several files named {stem}.*"
+    if prompt_problem:
+        return None, prompt_problem
     if not prompt or not prompt.strip():
         return None, "empty prompt: no target/<stem>.txt, prompts.jsonl entry or --prompt"
     infos = {}
     for role, candidates in paths.items():
         try:
             infos[role] = probe_image(candidates[0], verify=verify)
+        except ImageTooLarge as exc:
+            return None, f"too large: {exc}"
         except EditTunerError as exc:
             return None, f"unreadable: {exc}"
     target = infos["target"]
@@ -127,19 +172,29 @@ def _check_sample(task: tuple) -> tuple[dict | None, str | None]:
         if role in infos and (infos[role].width, infos[role].height) != (target.width, target.height):
             return None, (f"size mismatch: {role}/{paths[role][0].name} is {infos[role].width}x{infos[role].height}, "
                           f"target is {target.width}x{target.height}")
-    rel = lambda role: os.path.relpath(paths[role][0], out_dir) if role in paths else None  # noqa: E731
+    rel = lambda role: _row_path(paths[role][0], out_dir) if role in paths else None  # noqa: E731
     row = {"id": stem, "prompt": prompt.strip(), "image": rel("target"),
            "edit_image": [rel(role) for role in REFERENCE_ROLES if role in paths],
            "ref_gt": rel("ref_gt"), "back_mask": rel("mask"), "width": target.width, "height": target.height}
     return row, None
 
 
+def _row_path(path: Path, out_dir: Path) -> str:
+    """How a row names a file: relative to the JSON's folder when the file lies inside it, else absolute
+    (``load_dataset`` refuses relative paths that leave the JSON's folder unless given a data root)."""
+    absolute = Path(os.path.realpath(path.parent)) / path.name   # the folder's real place; the file as named
+    try:
+        return absolute.relative_to(out_dir).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
 def _tasks(cfg: GenerateConfig, index: dict[str, dict[str, list[Path]]], prompts: dict[str, str], out_dir: Path):
     for stem in sorted(index["target"]):
         paths = {role: index[role][stem] for role in ROLES if stem in index[role]}
         txt = Path(cfg.raw_dir) / "target" / f"{stem}.txt"
-        prompt = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else prompts.get(stem, cfg.prompt)
-        yield stem, paths, prompt, out_dir, cfg.verify, cfg.min_size, cfg.strict_size
+        prompt, problem = _read_prompt_file(txt) if txt.is_file() else (prompts.get(stem, cfg.prompt), None)
+        yield stem, paths, prompt, problem, out_dir, cfg.verify, cfg.min_size, cfg.strict_size
 
 
 def generate_dataset_json(cfg: GenerateConfig, progress: bool = True) -> GenerateReport:
@@ -206,14 +261,73 @@ class Sample:
         return [self.image, *self.edit_images] + [p for p in (self.mask, self.ref_gt) if p is not None]
 
 
-def load_dataset(path: str | os.PathLike) -> list[Sample]:
-    """Read and validate a dataset JSON; paths are relative to the JSON's folder unless absolute."""
+DATA_ROOT_ENV = "EDITTUNER_DATA_ROOT"
+
+
+def _resolve_row_path(path: Path, number: int, name: str, value: str, base: Path, root: Path | None) -> Path:
+    """Where a row's file field points, refusing paths that escape the JSON's folder (or the data root)."""
+    where = f"{path}, row {number}: \"{name}\""
+    if "\0" in value:
+        raise EditTunerError(f"{where} contains a NUL character; fix the path")
+    candidate = Path(value) if os.path.isabs(value) else base / value
+    if root is None:
+        if not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] == os.pardir:
+            raise EditTunerError(
+                f"{where} path {value!r} leaves the dataset JSON's folder {base}; use a path inside it, an absolute "
+                f"path, or allow a wider tree with the data root {DATA_ROOT_ENV}=DIR")
+    else:
+        try:
+            real = candidate.resolve(strict=True)
+        except FileNotFoundError:
+            real = Path(os.path.realpath(candidate))
+        except (OSError, RuntimeError):   # a symlink loop (RuntimeError before Python 3.13)
+            raise EditTunerError(f"{where} file {candidate} is a symbolic link loop; point it at a real file "
+                                 "or regenerate the dataset JSON") from None
+        if not real.is_relative_to(root):
+            raise EditTunerError(f"{where} path {value!r} resolves to {real}, outside the data root {root}; "
+                                 f"fix the row or set {DATA_ROOT_ENV} to a folder that contains it")
+    try:
+        candidate.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise EditTunerError(f"{where} file {candidate} is a symbolic link loop; point it at a real file "
+                                 "or regenerate the dataset JSON") from None
+        if candidate.is_symlink():
+            raise EditTunerError(f"{where} file {candidate} is a broken symbolic link; fix it or regenerate "
+                                 "the dataset JSON") from None
+        raise EditTunerError(f"{where} file {candidate} does not exist; fix the path or regenerate the dataset "
+                             "JSON") from None
+    if not candidate.is_file():
+        raise EditTunerError(f"{where} {candidate} is not a file; fix the path or regenerate the dataset JSON")
+    return candidate
+
+
+def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Sample]:
+    """Read and validate a dataset JSON.
+
+    Relative paths resolve against the JSON's folder and may not leave it; absolute paths are taken as written.
+    With ``root`` (default: the environment variable EDITTUNER_DATA_ROOT) every path, after following symbolic
+    links, must lie inside ``root``, and relative paths may use ``..`` as long as they stay inside it.
+    """
     path = Path(path)
+    if root is None and os.environ.get(DATA_ROOT_ENV):
+        root = os.environ[DATA_ROOT_ENV]
+    if root is not None:
+        if not Path(root).is_dir():
+            raise EditTunerError(f"data root {root} ({DATA_ROOT_ENV}): no such directory")
+        root = Path(root).resolve()
     if not path.is_file():
         raise EditTunerError(f"dataset JSON {path}: no such file; make one with `edittuner dataset --raw_dir ...`")
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EditTunerError(f"dataset JSON {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        rows = json.loads(data)   # UTF-8 (BOM or not), UTF-16 and UTF-32 are detected from the bytes
+    except UnicodeDecodeError as exc:
+        raise EditTunerError(f"dataset JSON {path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                             "re-save it as UTF-8") from None
+    except (ValueError, RecursionError) as exc:
         raise EditTunerError(f"dataset JSON {path}: not valid JSON ({exc})") from None
     if not isinstance(rows, list) or not rows:
         raise EditTunerError(f"dataset JSON {path}: expected a non-empty list of samples")
@@ -223,11 +337,7 @@ def load_dataset(path: str | os.PathLike) -> list[Sample]:
     def file_field(number, name, value):
         if not isinstance(value, str) or not value:
             raise EditTunerError(f"{path}, row {number}: \"{name}\" must be a file path, got {value!r}")
-        resolved = (base / value) if not os.path.isabs(value) else Path(value)
-        if not resolved.is_file():
-            raise EditTunerError(f"{path}, row {number}: \"{name}\" file {resolved} does not exist; "
-                                 "fix the path or regenerate the dataset JSON")
-        return resolved
+        return _resolve_row_path(path, number, name, value, base, root)
 
     for number, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -242,12 +352,22 @@ def load_dataset(path: str | os.PathLike) -> list[Sample]:
         prompt = row["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise EditTunerError(f"{path}, row {number}: empty prompt; write the edit instruction in \"prompt\"")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EditTunerError(f"{path}, row {number}: the prompt holds an invalid character (a lone surrogate "
+                                 "such as \\ud800); fix the text") from None
         edits = row["edit_image"]
         edits = [edits] if isinstance(edits, str) else edits
         if not isinstance(edits, list) or not 1 <= len(edits) <= 3:
             raise EditTunerError(f"{path}, row {number}: \"edit_image\" must list 1 to 3 reference images")
         image = file_field(number, "image", row["image"])
         sample_id = str(row.get("id") or image.stem)
+        try:
+            sample_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EditTunerError(f"{path}, row {number}: the id {sample_id!r} holds an invalid character; "
+                                 "fix it") from None
         if sample_id in seen:
             raise EditTunerError(f"{path}, rows {seen[sample_id]} and {number}: duplicate sample id {sample_id!r}; "
                                  "give each row a unique \"id\"")

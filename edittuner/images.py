@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import warnings
@@ -14,8 +15,43 @@ from .errors import EditTunerError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
-# Refuse anything that declares more pixels than this before decoding it (decompression bombs).
-MAX_DECLARED_PIXELS = 16384 * 16384
+# Refuse anything that declares more pixels than this, from its header, before decoding it (decompression
+# bombs). Kept below Pillow's own hard limit (2 * Image.MAX_IMAGE_PIXELS) so that our message, which names
+# the size, is the one the user sees; Pillow's softer warning is silenced in favour of this check.
+MAX_DECLARED_PIXELS = 128 * 1024 * 1024
+
+# EXIF orientations that turn the stored image by 90 degrees (width and height swap once applied).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)
+
+
+class ImageTooLarge(EditTunerError):
+    """The header declares more pixels than MAX_DECLARED_PIXELS (refused before any decoding)."""
+
+
+def _unreadable(path: Path, exc: BaseException) -> EditTunerError:
+    """The clearest message we can give for an image that cannot be opened or decoded."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageTooLarge(f"{path}: declares too many pixels ({exc}); refused from its header as a possible "
+                             "decompression bomb; downscale it or remove it")
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return EditTunerError(f"{path}: symbolic link loop; point the link at a real file or remove it")
+    if isinstance(exc, FileNotFoundError) and path.is_symlink():
+        return EditTunerError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist); "
+                              "fix or remove it")
+    return EditTunerError(f"{path}: unreadable image ({exc}); replace or remove it")
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """The size the image has once its EXIF orientation is applied (what ``load_rgb`` returns)."""
+    width, height = img.size
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a broken EXIF block: load_rgb's exif_transpose ignores it too
+        orientation = None
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
 @dataclass(frozen=True)
@@ -26,45 +62,59 @@ class ImageInfo:
 
 
 def probe_image(path: str | os.PathLike, verify: bool = False) -> ImageInfo:
-    """Read an image's header (and with ``verify`` decode every pixel); raise EditTunerError if unusable."""
+    """Read an image's header (and with ``verify`` decode every pixel); raise EditTunerError if unusable.
+
+    ``width`` and ``height`` are those after the EXIF orientation is applied, as ``load_rgb`` returns them.
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise EditTunerError(f"{path}: the file is empty (0 bytes); replace or remove it")
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
                 mode = img.mode
                 if width * height > MAX_DECLARED_PIXELS:
-                    raise EditTunerError(
+                    raise ImageTooLarge(
                         f"{path}: declares {width}x{height} pixels, over the limit of {MAX_DECLARED_PIXELS}; "
-                        "downscale it or remove it")
+                        "refused from its header (possible decompression bomb); downscale it or remove it")
+                width, height = _oriented_size(img)
                 if verify:
                     img.load()
     except EditTunerError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise EditTunerError(f"{path}: unreadable image ({exc}); replace or remove it") from None
+    except _DECODE_ERRORS as exc:
+        raise _unreadable(path, exc) from None
     return ImageInfo(width, height, mode)
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully as RGB, applying its EXIF orientation."""
+    """Decode an image fully as RGB, applying its EXIF orientation.
+
+    CMYK converts to RGB, 16-bit greyscale scales to 8 bits (65535 -> 255), and transparency (RGBA, LA, PA,
+    palette with a transparent index) is composited onto white.
+    """
     probe_image(path)
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit greyscale: scale to 8 bits instead of clipping.
-                img = img.point(lambda v: v / 256).convert("L")
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img)
-            return img.convert("RGB")
-    except OSError as exc:
-        raise EditTunerError(f"{path}: unreadable image ({exc}); replace or remove it") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _decode_rgb(path)
+    except _DECODE_ERRORS as exc:
+        raise _unreadable(Path(path), exc) from None
+
+
+def _decode_rgb(path) -> Image.Image:
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit greyscale: scale to 8 bits instead of clipping.
+            img = img.point(lambda v: v / 256).convert("L")
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
 
 
 def load_mask(path: str | os.PathLike) -> Image.Image:

@@ -297,16 +297,17 @@ def validation_grid(rows: list[tuple[list[Image.Image], Image.Image, Image.Image
 @torch.no_grad()
 def sample_edit_latents(dit: torch.nn.Module, encoded: dict[str, torch.Tensor], sampler: SamplerConfig,
                         model_version: str, device, dtype, negative_prompt_emb: torch.Tensor | None = None,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
+                        mask: torch.Tensor | None = None, denoiser=None) -> torch.Tensor:
     """Latents of the edit of one encoded sample (a phase-1 cache entry or a freshly encoded request).
 
-    ``mask`` is the latent-grid mask (1, h, w), 1 = regenerate; ``negative_prompt_emb`` is needed for CFG."""
+    ``mask`` is the latent-grid mask (1, h, w), 1 = regenerate; ``negative_prompt_emb`` is needed for CFG.
+    ``denoiser``: the DiT as the trainer wrapped it (DDP, DeepSpeed engine), so ZeRO-3 gathers its shards."""
     zero_cond_t = PRESETS[model_version].zero_cond_t
     known = encoded["ref.0"][None].to(device, dtype)
     conditioning = dit_conditioning(encoded, device, dtype, zero_cond_t, latent_hw=tuple(known.shape[-2:]))
     keep = (mask[None].to(device, dtype), known) if mask is not None else None
     generator = torch.Generator().manual_seed(sampler.seed)
-    denoiser = DiTDenoiser(dit)
+    denoiser = denoiser or DiTDenoiser(dit)
     if sampler.sampler == "bridge":
         if sampler.stream == "main":
             z_start = known

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from .atomic import atomic_path, write_json
 from .cache import VALIDATION_SUBDIR, CacheReader
 from .checkpoint import load_state, resolve_resume, save_state, write_checkpoint
+from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
 from .errors import EditTunerError
 from .images import ResizeConfig
 from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
@@ -62,6 +64,7 @@ class TrainConfig:
     resume: str | None = None
     eval_samples: int = 8
     eval_every: int = 0
+    deepspeed_config: Path | None = None      # a DeepSpeed JSON (accelerate_configs/zero3.json): drive ZeRO directly
     report_to: str = "auto"                   # auto: wandb when WANDB_API_KEY or WANDB_MODE is set, else none
     validation_steps: int | None = None       # previews every N steps; None: 250 if the cache has validation pairs
     validation_samples: int = 4
@@ -213,14 +216,15 @@ class ValidationPreviews:
     """Phase 2's previews: the validation pairs phase 1 encoded (``<cache>/validation``), sampled with fixed seeds
     by the DiT being trained, decoded by the VAE (loaded for this alone) into one grid per step."""
 
-    def __init__(self, cfg: TrainConfig, reader: CacheReader, dit, vae, dtype, device, output_dir: Path, every: int):
-        self.cfg, self.reader, self.dit, self.vae = cfg, reader, dit, vae
+    def __init__(self, cfg: TrainConfig, reader: CacheReader, dit, denoiser, vae, dtype, device, output_dir: Path,
+                 every: int):
+        self.cfg, self.reader, self.dit, self.denoiser, self.vae = cfg, reader, dit, denoiser, vae
         self.dtype, self.device, self.every = dtype, device, every
         self.samples = [reader.load(i) for i in range(min(cfg.validation_samples, len(reader)))]
         self.folder = output_dir / "validation"
 
     @classmethod
-    def open(cls, cfg: TrainConfig, accelerator, dit, dtype, output_dir: Path) -> "ValidationPreviews | None":
+    def open(cls, cfg: TrainConfig, accelerator, dit, denoiser, dtype, output_dir: Path) -> "ValidationPreviews | None":
         folder = Path(cfg.cache_dir) / VALIDATION_SUBDIR
         every = cfg.validation_steps
         if every is None:
@@ -230,11 +234,12 @@ class ValidationPreviews:
         if not (folder / "manifest.json").is_file():
             raise EditTunerError(f"--validation_steps {every}: the cache has no validation pairs ({folder}); run "
                                  "phase 1 with --validation_json <pairs.json>, or pass --validation_steps 0")
-        reader = CacheReader(folder, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint())
+        reader = CacheReader(folder, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint(),
+                             expected_model_version=cfg.model_version)
         if cfg.validation_sampler.uses_cfg and "negative_prompt_emb" not in reader.load(0):
             raise EditTunerError(f"{folder}: no negative prompt embeddings; re-run phase 1 with --validation_json")
         vae = cfg.model.load_vae(dtype=dtype, device=accelerator.device) if accelerator.is_main_process else None
-        return cls(cfg, reader, dit, vae, dtype, accelerator.device, output_dir, every)
+        return cls(cfg, reader, dit, denoiser, vae, dtype, accelerator.device, output_dir, every)
 
     @torch.no_grad()
     def write(self, step: int, tracker: Tracker | None) -> dict:
@@ -245,7 +250,8 @@ class ValidationPreviews:
         with torch.random.fork_rng(devices=[]):
             for sample, record in zip(self.samples, self.reader.records):
                 latents = sample_edit_latents(self.dit, sample, self.cfg.validation_sampler, self.cfg.model_version,
-                                              self.device, self.dtype, sample.get("negative_prompt_emb"))
+                                              self.device, self.dtype, sample.get("negative_prompt_emb"),
+                                              denoiser=self.denoiser)
                 if self.vae is not None:
                     refs = [decode_latents(self.vae, sample[f"ref.{k}"][None]) for k in range(3) if f"ref.{k}" in sample]
                     rows.append((refs, decode_latents(self.vae, latents), decode_latents(self.vae, sample["target"][None]),
@@ -260,16 +266,38 @@ class ValidationPreviews:
         return {"validation_time_s": time.perf_counter() - start}
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    from accelerate import Accelerator
+def make_runtime(cfg: TrainConfig, mixed: str):
+    """accelerate (single device or DDP), or DeepSpeed ZeRO when a DeepSpeed config is named."""
+    deepspeed_config = cfg.deepspeed_config or deepspeed_config_from_env()
+    if deepspeed_config is None:
+        return AccelerateRuntime(mixed, cpu=not torch.cuda.is_available())
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        os.environ.pop(var, None)  # so that nothing below builds accelerate's own DeepSpeed plugin
+    config = resolve_deepspeed_config(deepspeed_config, cfg.gradient_accumulation, bf16=mixed == "bf16",
+                                      max_grad_norm=cfg.max_grad_norm)
+    stage = config["zero_optimization"]["stage"]
+    if cfg.optimizer == "prodigy_sf" and stage >= 1:
+        raise EditTunerError(
+            f"--optimizer prodigy_sf with DeepSpeed ZeRO stage {stage}: Prodigy's step size d is "
+            "computed from the parameters each rank holds, and ZeRO gives every rank a different shard, so d would "
+            "drift apart across ranks. Use accelerate_configs/ddp.yaml with prodigy_sf (d stays identical: every "
+            "rank sees the same gradients), or --optimizer adamw with ZeRO-3.")
+    if cfg.resume:
+        raise EditTunerError("--resume with DeepSpeed ZeRO is not supported yet: the optimizer state is partitioned "
+                             "across ranks and ZeRO checkpoints hold only the gathered LoRA; start the run again, or "
+                             "train with accelerate_configs/ddp.yaml, where resume is exact")
+    return DeepSpeedRuntime(config)
 
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
     cuda = torch.cuda.is_available()
     mixed = ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
+    accelerator = make_runtime(cfg, mixed)
     output_dir = Path(cfg.output_dir)
     resume_dir = resolve_resume(cfg.resume, output_dir) if cfg.resume else None
 
-    reader = CacheReader(cfg.cache_dir, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint())
+    reader = CacheReader(cfg.cache_dir, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint(),
+                         expected_model_version=cfg.model_version)
     if cfg.objective == "lbm":
         check_bridge_shapes(reader)
     weight_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
@@ -319,13 +347,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 "target_modules": list(cfg.lora_targets), "zero_cond_t": str(cfg.zero_cond_t).lower()}
 
     def save_checkpoint(step: int) -> Path:
-        with averaged_weights() as view:
+        with averaged_weights() as view, accelerator.gathered(params):
             state = lora_state_dict(dit, cfg.rank, cfg.alpha)
-            optimizer_state = optimizer.state_dict()
+            optimizer_state = accelerator.optimizer_state(optimizer)
 
         def files(tmp: Path):
             save_lora(tmp / "lora.safetensors", state, metadata)
-            save_state(tmp, "optimizer", optimizer_state)
+            if optimizer_state is not None:
+                save_state(tmp, "optimizer", optimizer_state)
             if view.training_view is not None:
                 save_state(tmp, "training_view", view.training_view)
             write_json(tmp / "trainer_state.json", {"step": step, "seed": cfg.seed,
@@ -388,7 +417,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                 result["bridge_1step_distance_ratio"] = sum(ratios) / len(ratios)
         return result
 
-    validation = ValidationPreviews.open(cfg, accelerator, dit, weight_dtype, output_dir)
+    validation = ValidationPreviews.open(cfg, accelerator, dit, denoiser, weight_dtype, output_dir)
 
     def previews(step: int) -> dict:
         with averaged_weights():
@@ -419,12 +448,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                                              "lower --learning_rate or check that sample; the last checkpoint is kept")
                     accelerator.backward(loss / ga)
                 total += loss.detach().float()
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-            optimizer.step()
+            grad_norm = accelerator.clip_grad_norm(params, cfg.max_grad_norm)
+            accelerator.optimizer_step(optimizer)
             lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
             last_loss = float(accelerator.reduce(total / ga, reduction="mean"))
             step_time = time.perf_counter() - step_start
             record = {"step": step + 1, "loss": last_loss, "lr": lr_schedule.get_last_lr()[0],
@@ -462,7 +488,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     eval_end = evaluate()
     summary = {"steps": cfg.max_steps, "loss": last_loss, "lora": str(lora_path), "stopped": False,
                **{f"{k}_start": v for k, v in eval_start.items()}, **{f"{k}_end": v for k, v in eval_end.items()}}
-    with averaged_weights():
+    with averaged_weights(), accelerator.gathered(params):
         final_state = lora_state_dict(dit, cfg.rank, cfg.alpha)
     if accelerator.is_main_process:
         save_lora(lora_path, final_state, metadata)

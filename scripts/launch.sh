@@ -48,7 +48,11 @@ SEED="${SEED:-0}"
 export WANDB_PROJECT="${WANDB_PROJECT:-qwen-image}"
 export WANDB_NAME="${WANDB_NAME:-$(basename "$OUTPUT_DIR")}"
 if [ -z "${ACCELERATE_CONFIG:-}" ]; then
-  if [ "$NUM_PROCESSES" = 1 ]; then ACCELERATE_CONFIG=accelerate_configs/single.yaml; else ACCELERATE_CONFIG=accelerate_configs/ddp.yaml; fi
+  # Several GPUs: DeepSpeed ZeRO-3 (zero3_offload for small cards); several CPU processes: DDP over gloo.
+  if [ "$NUM_PROCESSES" = 1 ]; then ACCELERATE_CONFIG=accelerate_configs/single.yaml
+  elif [ "$OPTIMIZER" != prodigy_sf ] && command -v nvidia-smi >/dev/null 2>&1; then
+    ACCELERATE_CONFIG=accelerate_configs/zero3.yaml  # prodigy_sf stays on DDP: ZeRO shards would split its d
+  else ACCELERATE_CONFIG=accelerate_configs/ddp.yaml; fi
 fi
 
 # Validate everything before any work starts.

@@ -1,0 +1,155 @@
+"""Who runs phase 2: accelerate (one device, DDP) or DeepSpeed ZeRO, behind the few calls the train loop makes.
+
+DeepSpeed is driven directly (``deepspeed.init_distributed`` + ``deepspeed.initialize``) rather than through
+accelerate's DeepSpeed plugin: the plugin does not initialise distributed on a machine without a GPU, and one
+code path that runs on CPU over gloo is one we can test. A run uses DeepSpeed when ``--deepspeed_config`` names
+a DeepSpeed JSON, or when ``accelerate launch`` was given one of our ZeRO configs (it exports
+``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_CONFIG_FILE``).
+
+Under ZeRO-3 every parameter, LoRA included, is partitioned across ranks: reading the LoRA (checkpoints, the
+final file) happens inside ``gathered(params)`` on every rank, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .errors import EditTunerError
+
+
+def deepspeed_config_from_env() -> str | None:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path:
+            raise EditTunerError("accelerate was launched with DeepSpeed but without a config file; use "
+                                 "accelerate_configs/zero3.yaml (it names accelerate_configs/zero3.json)")
+        return path
+    return None
+
+
+def resolve_deepspeed_config(path: str | os.PathLike, gradient_accumulation: int, bf16: bool,
+                             max_grad_norm: float) -> dict:
+    """Read a DeepSpeed JSON and fill the values this run decides (accelerate's "auto" convention)."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EditTunerError(f"--deepspeed_config {path}: cannot read it as JSON ({exc})") from None
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage") not in (0, 1, 2, 3):
+        raise EditTunerError(f"--deepspeed_config {path}: zero_optimization.stage must be 0-3")
+    auto = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gradient_accumulation}
+    for key, value in auto.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise EditTunerError(f"--deepspeed_config {path}: {key} is {config[key]}, but this run uses {value}; "
+                                 f"set it to \"auto\"")
+    config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    if config.get("bf16", {}).get("enabled") == "auto":
+        config["bf16"]["enabled"] = bf16
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = max_grad_norm
+    elif max_grad_norm and config["gradient_clipping"] != max_grad_norm:
+        raise EditTunerError(f"--max_grad_norm {max_grad_norm} disagrees with gradient_clipping "
+                             f"{config['gradient_clipping']} in {path}; set one of them")
+    # The optimizer is ours (AdamW from torch); DeepSpeed only shards its state.
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("steps_per_print", 10 ** 9)
+    return config
+
+
+class DeepSpeedRuntime:
+    """The subset of ``accelerate.Accelerator`` the train loop uses, on a DeepSpeed engine."""
+
+    def __init__(self, config: dict):
+        import deepspeed
+
+        self.cuda = torch.cuda.is_available()
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", verbose=False)
+        self.process_index = torch.distributed.get_rank()
+        self.num_processes = torch.distributed.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", self.process_index))
+        self.device = torch.device("cuda", local) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        self.is_main_process = self.process_index == 0
+        self.config = config
+        self.zero_stage = self.config["zero_optimization"]["stage"]
+        self.engine = None
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        import deepspeed
+
+        self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        return self.engine, ds_optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divided by the accumulation count; the engine only reduces and steps at the boundary.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def optimizer_step(self, optimizer) -> None:
+        """The engine stepped in backward() at the accumulation boundary."""
+
+    def clip_grad_norm(self, params, max_norm: float) -> float | None:
+        """Clipping is the engine's (gradient_clipping in the config); report the norm it measured."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def no_sync(self, model):
+        return nullcontext()
+
+    def autocast(self):
+        return nullcontext()  # the engine casts the module itself when bf16 is on
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        return tensor / self.num_processes if reduction == "mean" else tensor
+
+    def wait_for_everyone(self) -> None:
+        torch.distributed.barrier()
+
+    def gathered(self, params: list[torch.nn.Parameter]):
+        if self.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def optimizer_state(self, optimizer) -> dict | None:
+        return None  # partitioned per rank; see TrainConfig's resume check
+
+
+class AccelerateRuntime:
+    """accelerate's Accelerator (one device or DDP), with the same extra calls as DeepSpeedRuntime."""
+
+    def __init__(self, mixed_precision: str, cpu: bool):
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        self.zero_stage = None
+
+    def __getattr__(self, name):
+        return getattr(self.accelerator, name)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self, optimizer) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def clip_grad_norm(self, params, max_norm: float) -> float | None:
+        return float(self.accelerator.clip_grad_norm_(params, max_norm)) if max_norm > 0 else None
+
+    def gathered(self, params):
+        return nullcontext()
+
+    def optimizer_state(self, optimizer) -> dict:
+        return optimizer.state_dict()
