@@ -166,6 +166,7 @@ class PrecomputeConfig:
     overwrite: bool = False
     validation_json: Path | None = None     # encoded into <cache_dir>/validation for phase 2's previews
     negative_prompt: str | None = None      # set for the validation cache: CFG previews need its embeddings
+    data_root: Path | None = None           # every dataset path must lie inside it (default: EDITTUNER_DATA_ROOT)
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -216,7 +217,7 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
     from accelerate import PartialState
 
     state = PartialState()
-    samples = load_dataset(cfg.dataset_json)
+    samples = load_dataset(cfg.dataset_json, root=cfg.data_root)
     cfg.model.check(("text_encoder", "vae", "processor"))
     cache_dir = Path(cfg.cache_dir)
     identity = cache_identity(cfg.model.encoder_fingerprint(), cfg.resize)

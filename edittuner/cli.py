@@ -35,6 +35,10 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0,0.25,0.5,0.75") from None
 
 
+DATA_ROOT_HELP = ("folder every dataset path must lie inside (symlinks followed); then relative paths may use '..' "
+                  "within it (default: $EDITTUNER_DATA_ROOT; without one, paths may not leave the JSON's folder)")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model_dir", default="tiny",
@@ -76,7 +80,8 @@ def cmd_precompute(args) -> None:
     cfg = PrecomputeConfig(dataset_json=Path(args.dataset_json), cache_dir=Path(args.cache_dir),
                            model=model_source_from_args(args), resize=resize_from_args(args),
                            model_version=args.model_version, dtype=args.cache_dtype, overwrite=args.overwrite,
-                           validation_json=Path(args.validation_json) if args.validation_json else None)
+                           validation_json=Path(args.validation_json) if args.validation_json else None,
+                           data_root=Path(args.data_root) if args.data_root else None)
     result = precompute_cache(cfg)
     for name, part, where in (("", result, cfg.cache_dir), (" validation", result.get("validation"),
                                                             cfg.cache_dir / "validation")):
@@ -135,6 +140,7 @@ def cmd_sample(args) -> None:
                        dataset_json=Path(args.dataset_json) if args.dataset_json else None,
                        output_dir=Path(args.output_dir) if args.output_dir else None,
                        use_dataset_masks=args.use_dataset_masks, model=model_source_from_args(args),
+                       data_root=Path(args.data_root) if args.data_root else None,
                        model_version=args.model_version, lora=Path(args.lora) if args.lora else None,
                        lora_strength=args.lora_strength, sampler=sampler, resize=resize_from_args(args))
     for output, result in sample_images(cfg):
@@ -183,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation_json", default=None,
                    help="validation pairs (e.g. the generator's <dataset>_val.json), encoded into <cache_dir>/validation "
                         "for phase 2's previews")
+    p.add_argument("--data_root", default=None, help=DATA_ROOT_HELP)
     add_model_args(p)
     add_resize_args(p)
     p.set_defaults(func=cmd_precompute)
@@ -253,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_json", default=None, help="batch mode: one edit per row, written to --output_dir/<id>.png")
     p.add_argument("--output_dir", default=None, help="batch mode output folder")
     p.add_argument("--use_dataset_masks", action="store_true", help="batch mode: use each row's back_mask as --mask")
+    p.add_argument("--data_root", default=None, help=DATA_ROOT_HELP)
     p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="sets zero_cond_t (2511 on)")
     p.add_argument("--lora", default=None, help="LoRA file (e.g. train/<run>/lora.safetensors)")
     p.add_argument("--lora_strength", type=float, default=1.0)

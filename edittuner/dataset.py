@@ -274,7 +274,7 @@ def _resolve_row_path(path: Path, number: int, name: str, value: str, base: Path
         if not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] == os.pardir:
             raise EditTunerError(
                 f"{where} path {value!r} leaves the dataset JSON's folder {base}; use a path inside it, an absolute "
-                f"path, or allow a wider tree with the data root {DATA_ROOT_ENV}=DIR")
+                f"path, or allow a wider tree with --data_root DIR (or {DATA_ROOT_ENV}=DIR)")
     else:
         try:
             real = candidate.resolve(strict=True)
@@ -285,7 +285,7 @@ def _resolve_row_path(path: Path, number: int, name: str, value: str, base: Path
                                  "or regenerate the dataset JSON") from None
         if not real.is_relative_to(root):
             raise EditTunerError(f"{where} path {value!r} resolves to {real}, outside the data root {root}; "
-                                 f"fix the row or set {DATA_ROOT_ENV} to a folder that contains it")
+                                 f"fix the row or pass --data_root (or {DATA_ROOT_ENV}) naming a folder that contains it")
     try:
         candidate.stat()
     except OSError as exc:
@@ -314,7 +314,7 @@ def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None)
         root = os.environ[DATA_ROOT_ENV]
     if root is not None:
         if not Path(root).is_dir():
-            raise EditTunerError(f"data root {root} ({DATA_ROOT_ENV}): no such directory")
+            raise EditTunerError(f"data root {root} (--data_root / {DATA_ROOT_ENV}): no such directory")
         root = Path(root).resolve()
     if not path.is_file():
         raise EditTunerError(f"dataset JSON {path}: no such file; make one with `edittuner dataset --raw_dir ...`")

@@ -343,6 +343,7 @@ class SampleConfig:
     dataset_json: Path | None = None
     output_dir: Path | None = None
     use_dataset_masks: bool = False
+    data_root: Path | None = None
     model: ModelSource = field(default_factory=ModelSource)
     model_version: str = "2511"
     lora: Path | None = None
@@ -381,7 +382,7 @@ def sample_images(cfg: SampleConfig, progress: bool = True) -> list[tuple[Path, 
     from .dataset import load_dataset
 
     if cfg.dataset_json is not None:
-        rows = load_dataset(cfg.dataset_json)
+        rows = load_dataset(cfg.dataset_json, root=cfg.data_root)
         jobs = [([load_rgb(p) for p in row.edit_images], row.prompt,
                  load_mask(row.mask) if cfg.use_dataset_masks and row.mask else None,
                  Path(cfg.output_dir) / f"{row.id}.png") for row in rows]

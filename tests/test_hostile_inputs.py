@@ -180,7 +180,7 @@ def test_paths_may_not_escape_the_json_folder_or_the_data_root(tmp_path, monkeyp
     # default: relative paths stay inside the JSON's folder
     (data / "up.json").write_text(json.dumps([_row("../raw/t.png", "../raw/s.png")]))
     with pytest.raises(EditTunerError, match=r'up.json, row 0: "image" path \'../raw/t.png\' leaves the dataset '
-                                             r"JSON's folder .*EDITTUNER_DATA_ROOT"):
+                                             r"JSON's folder .*--data_root"):
         load_dataset(data / "up.json")
     # sneaky forms of the same escape
     (data / "sneaky.json").write_text(json.dumps([_row("x/../../raw/t.png", "s.png")]))
@@ -216,6 +216,10 @@ def test_escaping_path_through_the_cli_is_one_line(tmp_path, monkeypatch, capsys
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "ds.json, row 0" in err and "leaves the dataset JSON's folder" in err
     assert not (tmp_path / "c/manifest.json").exists()
+    # --data_root opts in: the same rows encode.
+    code = main(["precompute", "--dataset_json", str(tmp_path / "data/ds.json"), "--cache_dir", str(tmp_path / "c"),
+                 "--data_root", str(tmp_path), "--max_pixels", "4096"])
+    assert code == 0 and (tmp_path / "c/manifest.json").is_file(), capsys.readouterr().err
 
 
 def test_generator_writes_paths_that_load_dataset_accepts(tmp_path):

@@ -8,7 +8,6 @@ from PIL import Image
 
 from conftest import ROOT, TINY_PIXELS, run_cli
 
-PACKAGE = ROOT / "edittuner"
 
 
 def _launch(script, tmp_path, **env):
