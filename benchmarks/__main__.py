@@ -1,5 +1,6 @@
 """Benchmarks. `python -m benchmarks run [--quick]` writes benchmarks/results/latest.json and rewrites the
-generated sections of BENCHMARKS.md (training, sampling, previews here; the app's latency in app_latency.py). Every figure is a ratio against a baseline timed in the same run.
+generated sections of BENCHMARKS.md (training, sampling, previews here; the app's latency in app_latency.py).
+Every figure is a ratio against a baseline timed in the same run.
 
 Model: the tiny text encoder and VAE, with a wider DiT than the tiny one (4 blocks, width 256) so that compute,
 not Python bookkeeping, dominates a step, at a 256x256 target with one 256x256 reference.
@@ -14,6 +15,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -234,6 +236,261 @@ def bench_previews(work: Path, dataset: Path, steps: int) -> dict:
             "step_with_previews_over_step": (step + preview / DEFAULT_VALIDATION_STEPS) / step}
 
 
+# ---- processes, checkpoints and resume -------------------------------------------------------------------------
+# Each of these runs `edittuner` (or a small driver) as subprocesses, the way a user does, on the bench DiT and cache.
+
+PHASE1_DRIVER = """
+import json, sys, torch
+from pathlib import Path
+from accelerate import PartialState
+# Phase 2's Accelerator passes cpu=True on a CPU-only machine; phase 1's PartialState() does not (so the plain
+# CLI does not shard on CPU), so the driver starts the CPU process group itself, as that fix would.
+state = PartialState(cpu=not torch.cuda.is_available())
+from edittuner.cache import PrecomputeConfig, precompute_cache
+from edittuner.images import ResizeConfig
+from edittuner.models import ModelSource
+dataset, cache, pixels, out = sys.argv[1:5]
+result = precompute_cache(PrecomputeConfig(dataset_json=Path(dataset), cache_dir=Path(cache), model=ModelSource(),
+                                           resize=ResizeConfig(max_pixels=int(pixels)), overwrite=True), progress=False)
+Path(out, f"rank{state.process_index}.json").write_text(json.dumps({"encoded": result["encoded"],
+                                                                    "seconds": result["seconds"]}))
+"""
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_command(processes: int, script: list[str]) -> list[str]:
+    if processes == 1:
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/ddp.yaml"),
+            "--num_processes", str(processes), "--main_process_port", str(_free_port()), *script]
+
+
+def _env(processes: int) -> dict:
+    """One thread per process, for 1 and 2 processes alike: the ratio is then process scaling alone (with 2 OpenMP
+    threads, a single process on this 2-core machine slowed down erratically whenever anything else ran)."""
+    threads = 1
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "", "WANDB_API_KEY": ""}
+
+
+def _run_timed(command: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def bench_phase1_processes(work: Path, dataset: Path) -> dict:
+    """Phase-1 samples/s with 1 and 2 processes on the same dataset (encoding time; encoder load excluded)."""
+    driver = work / "phase1_driver.py"
+    driver.write_text(PHASE1_DRIVER)
+    result = {"samples": len(json.loads(dataset.read_text()))}
+    for processes in (1, 2):
+        out = work / f"phase1-{processes}"
+        out.mkdir(exist_ok=True)
+        wall = _run_timed(_launch_command(processes, [str(driver), str(dataset), str(work / f"cache-p{processes}"),
+                                                      str(SIZE * SIZE), str(out)]), _env(processes))
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+        encoded = sum(r["encoded"] for r in ranks)
+        assert encoded == result["samples"], ranks
+        result[f"samples_per_s_{processes}"] = encoded / max(r["seconds"] for r in ranks)
+        result[f"wall_s_{processes}"] = wall
+    result["speedup_2_over_1"] = result["samples_per_s_2"] / result["samples_per_s_1"]
+    result["wall_ratio_2_over_1"] = result["wall_s_2"] / result["wall_s_1"]
+    return result
+
+
+def _ensure_cache(work: Path, dataset: Path) -> Path:
+    """The bench cache (made in this process unless an earlier case made it)."""
+    cache = work / "cache"
+    if not (cache / "manifest.json").is_file():
+        precompute_cache(PrecomputeConfig(dataset_json=dataset, cache_dir=cache, resize=ResizeConfig(max_pixels=SIZE * SIZE),
+                                          model=ModelSource(transformer_dir=str(work / "transformer")), overwrite=True),
+                         progress=False)
+    return cache
+
+
+def _train_command(cache: Path, run: Path, steps: int, accumulation: int, *extra) -> list[str]:
+    return ["-m", "edittuner", "train", "--cache_dir", str(cache), "--output_dir", str(run), "--max_pixels", str(SIZE * SIZE),
+            "--model_dir", "tiny", "--transformer_dir", str(cache.parent / "transformer"), "--max_steps", str(steps),
+            "--rank", "32", "--gradient_accumulation", str(accumulation), "--gradient_checkpointing", "off",
+            "--eval_samples", "0", "--report_to", "none", "--validation_steps", "0", "--save_every", "10000", *extra]
+
+
+def bench_phase2_processes(work: Path, dataset: Path, steps: int) -> dict:
+    """Phase-2 samples/s: 1 process x accumulation 2 against 2 DDP processes x accumulation 1 (the same samples
+    per optimizer step), median over the steps after the first two."""
+    cache = _ensure_cache(work, dataset)
+    result = {}
+    for processes in (1, 2):
+        run = work / f"ddp-{processes}"
+        shutil.rmtree(run, ignore_errors=True)
+        wall = _run_timed(_launch_command(processes, _train_command(cache, run, steps + 2, 2 // processes)),
+                          _env(processes))
+        metrics = read_metrics(run / "metrics.jsonl")[2:]
+        result[f"samples_per_s_{processes}"] = statistics.median(m["samples_per_s"] for m in metrics)
+        result[f"step_s_{processes}"] = statistics.median(m["step_time_s"] for m in metrics)
+        result[f"wall_s_{processes}"] = wall
+    result["speedup_2_over_1"] = result["samples_per_s_2"] / result["samples_per_s_1"]
+    return result
+
+
+def bench_checkpoint(work: Path, dataset: Path, repeats: int) -> dict:
+    """Writing and reading a checkpoint of the bench DiT's LoRA (rank 32) and its AdamW state, as the trainer does,
+    against raw safetensors save/load of the same tensors and against one training step (fwd+bwd+AdamW)."""
+    from safetensors.torch import load_file, save_file
+    from edittuner.cache import CacheReader
+    from edittuner.checkpoint import load_state, save_state, write_checkpoint
+    from edittuner.lora import load_lora_file, lora_state_dict, save_lora, set_lora_state
+    cache = _ensure_cache(work, dataset)
+    model = ModelSource(transformer_dir=str(work / "transformer"))
+    dit = model.load_dit()
+    torch.manual_seed(0)
+    inject_lora(dit, PRESETS["2511"].lora_targets, 32, 32)
+    denoiser = DiTDenoiser(dit)
+    optimizer = torch.optim.AdamW([p for _, p in lora_parameters(dit)], lr=1e-4)
+    sample = CacheReader(cache).load(0)
+    x0 = sample["target"][None]
+    noise = torch.randn_like(x0)
+    conditioning = dit_conditioning(sample, "cpu", torch.float32, True)
+    timestep = training_scheduler().timesteps[500:501]
+
+    def train_step():
+        prediction = denoiser(latents=(x0 + noise) / 2, timestep=timestep, **conditioning)
+        torch.nn.functional.mse_loss(prediction, noise - x0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step = median_time(train_step, repeats)          # also fills AdamW's state (exp_avg, exp_avg_sq)
+    metadata = {"format": "diffsynth", "rank": "32", "alpha": "32.0"}
+    folder = work / "checkpoints"
+
+    def save():
+        lora, state = lora_state_dict(dit, 32, 32.0), optimizer.state_dict()
+
+        def files(tmp: Path):
+            save_lora(tmp / "lora.safetensors", lora, metadata)
+            save_state(tmp, "optimizer", state)
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": 1}))
+        write_checkpoint(folder, 1, files)
+
+    def load():
+        set_lora_state(dit, load_lora_file(folder / "step-1/lora.safetensors"), 32, 32.0)
+        optimizer.load_state_dict(load_state(folder / "step-1", "optimizer"))
+
+    raw_tensors = {f"lora.{k}": v for k, v in lora_state_dict(dit, 32, 32.0).items()}
+    for i, state in optimizer.state_dict()["state"].items():
+        raw_tensors.update({f"opt.{i}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    raw_tensors = {k: v.contiguous() for k, v in raw_tensors.items()}
+    raw_path = work / "raw.safetensors"
+    result = {"tensors": len(raw_tensors), "megabytes": sum(v.numel() * v.element_size() for v in raw_tensors.values()) / 2**20,
+              "train_step_s": step,
+              "save_s": median_time(save, repeats),
+              "raw_save_s": median_time(lambda: save_file(raw_tensors, str(raw_path)), repeats),
+              "load_s": median_time(load, repeats),
+              "raw_load_s": median_time(lambda: load_file(str(raw_path)), repeats)}
+    result.update({"save_over_raw": result["save_s"] / result["raw_save_s"],
+                   "load_over_raw": result["load_s"] / result["raw_load_s"],
+                   "save_in_steps": result["save_s"] / step, "load_in_steps": result["load_s"] / step})
+    return result
+
+
+def _seconds_to_first_new_step(command: list[str], env: dict, metrics: Path) -> float:
+    """From process start until metrics.jsonl grows past its size at start (one new step line)."""
+    start_size = metrics.stat().st_size if metrics.exists() else 0
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = None
+    try:
+        while proc.poll() is None and time.perf_counter() - start < 1800:
+            # On resume the log is first cut back to the checkpoint's step: that is never longer than at start.
+            if metrics.exists() and metrics.stat().st_size > start_size:
+                first = time.perf_counter() - start
+                break
+            time.sleep(0.002)
+        _, stderr = proc.communicate(timeout=1800)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    if first is None:  # the step line and the exit fell between two polls
+        first = time.perf_counter() - start
+    return first
+
+
+def bench_resume(work: Path, dataset: Path, repeats: int) -> dict:
+    """Process start to the first logged step: `--resume latest` from a checkpoint at step 4 against a fresh run
+    (same command otherwise; 1 process; the bench DiT)."""
+    cache = _ensure_cache(work, dataset)
+    env = _env(1)
+    base = work / "resume-base"
+    shutil.rmtree(base, ignore_errors=True)
+    _run_timed([sys.executable, *_train_command(cache, base, 4, 1, "--save_every", "4")], env)
+    fresh, resumed = [], []
+    for i in range(repeats):
+        run = work / f"fresh-{i}"
+        shutil.rmtree(run, ignore_errors=True)
+        fresh.append(_seconds_to_first_new_step([sys.executable, *_train_command(cache, run, 1, 1)], env,
+                                                run / "metrics.jsonl"))
+        run = work / f"resumed-{i}"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(base, run)
+        resumed.append(_seconds_to_first_new_step([sys.executable, *_train_command(cache, run, 5, 1, "--resume", "latest")],
+                                                  env, run / "metrics.jsonl"))
+        assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    result = {"fresh_first_step_s": statistics.median(fresh), "resume_first_step_s": statistics.median(resumed),
+              "repeats": repeats}
+    result["resume_over_fresh"] = result["resume_first_step_s"] / result["fresh_first_step_s"]
+    return result
+
+
+def render_processes(results: dict) -> str:
+    meta = results["processes_meta"]
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Date: {meta['date']}  ",
+             f"Model: tiny text encoder + VAE, DiT of 4 blocks x width 256 (LoRA rank 32, 2511 targets), "
+             f"target {SIZE}x{SIZE} + one {SIZE}x{SIZE} reference, fp32; 2 processes = DDP over gloo; "
+             "one thread per process in both cases.", "",
+             "| figure | value | baseline (same run) | ratio |", "|---|---|---|---|"]
+    if "phase1_processes" in results:
+        p1 = results["phase1_processes"]
+        lines += [
+            f"| phase 1, 2 processes ({p1['samples']} samples, encoding only) | {p1['samples_per_s_2']:.2f} samples/s | "
+            f"1 process: {p1['samples_per_s_1']:.2f} samples/s | {p1['speedup_2_over_1']:.2f} |",
+            f"| phase 1, 2 processes, whole command (start-up, encoder load) | {p1['wall_s_2']:.1f} s | "
+            f"1 process: {p1['wall_s_1']:.1f} s | {p1['wall_ratio_2_over_1']:.2f} |"]
+    if "phase2_processes" in results:
+        p2 = results["phase2_processes"]
+        lines.append(f"| phase 2, 2 DDP processes x accumulation 1 | {p2['samples_per_s_2']:.2f} samples/s "
+                     f"({p2['step_s_2'] * 1000:.0f} ms/step) | 1 process x accumulation 2: {p2['samples_per_s_1']:.2f} "
+                     f"samples/s ({p2['step_s_1'] * 1000:.0f} ms/step) | {p2['speedup_2_over_1']:.2f} |")
+    if "checkpoint" in results:
+        ck = results["checkpoint"]
+        lines += [
+            f"| checkpoint save (LoRA + AdamW state, {ck['megabytes']:.1f} MiB, atomic dir) | {ck['save_s'] * 1000:.1f} ms | "
+            f"raw safetensors save of the same tensors: {ck['raw_save_s'] * 1000:.1f} ms | {ck['save_over_raw']:.2f} |",
+            f"| checkpoint save, in training steps | {ck['save_s'] * 1000:.1f} ms | one step (fwd+bwd+AdamW): "
+            f"{ck['train_step_s'] * 1000:.1f} ms | {ck['save_in_steps']:.3f} |",
+            f"| checkpoint load (load_state + set_lora_state + optimizer) | {ck['load_s'] * 1000:.1f} ms | "
+            f"raw safetensors load of the same tensors: {ck['raw_load_s'] * 1000:.1f} ms | {ck['load_over_raw']:.2f} |",
+            f"| checkpoint load, in training steps | {ck['load_s'] * 1000:.1f} ms | one step: "
+            f"{ck['train_step_s'] * 1000:.1f} ms | {ck['load_in_steps']:.3f} |"]
+    if "resume" in results:
+        rs = results["resume"]
+        lines.append(f"| process start to first step, `--resume latest` | {rs['resume_first_step_s']:.2f} s | "
+                     f"fresh run: {rs['fresh_first_step_s']:.2f} s (median of {rs['repeats']}) | "
+                     f"{rs['resume_over_fresh']:.3f} |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}, CPU"
 
@@ -293,44 +550,91 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_benchmarks_md(text: str) -> None:
+def update_benchmarks_md(text: str, section: str = "split-phase") -> None:
     path = ROOT / "BENCHMARKS.md"
-    start, end = "<!-- split-phase:start -->", "<!-- split-phase:end -->"
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     content = path.read_text()
     before, _, rest = content.partition(start)
     _, _, after = rest.partition(end)
     path.write_text(f"{before}{start}\n{text}\n{end}{after}")
 
 
+SPLIT_PHASE = ("dataset", "phase2", "lbm", "sampling", "previews")
+PROCESSES = ("phase1_processes", "phase2_processes", "checkpoint", "resume")
+CASES = SPLIT_PHASE + PROCESSES + ("app",)
+
+
+def parse_only(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return CASES
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"--only: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("action", choices=["run"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke test)")
+    parser.add_argument("--only", default=None, metavar="CASES",
+                        help=f"comma-separated cases to run (default all): {', '.join(CASES)}")
     args = parser.parse_args(argv)
+    only = parse_only(args.only)
     torch.set_num_threads(os.cpu_count() or 1)
     steps = 4 if args.quick else 12
+    command = "python -m benchmarks run" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    out = ROOT / "benchmarks/results"
+    # Cases not run keep their figures from the last run.
+    results = json.loads((out / "latest.json").read_text()) if args.only and (out / "latest.json").is_file() else {}
     work = Path(tempfile.mkdtemp(prefix="edittuner-bench-"))
     try:
         write_transformer(work / "transformer")
         dataset = make_bench_dataset(work, 4 if args.quick else 16)
+        meta = {"command": command, "machine": machine(), "date": datetime.date.today().isoformat()}
+        if set(only) & set(SPLIT_PHASE):
+            results.update(meta)
         # Dataset generation first: its worker processes are forked, and forking after torch has run its
         # thread pools slows them down (a real `edittuner dataset` runs in a process of its own).
-        generation = bench_dataset_generation(work, 200 if args.quick else 2000)
-        results = {"command": "python -m benchmarks run" + (" --quick" if args.quick else ""),
-                   "machine": machine(), "date": datetime.date.today().isoformat(),
-                   "dataset": generation, "phase2": bench_phase2(work, dataset, steps)}
-        results["lbm"] = bench_lbm(work, steps)
-        results["sampling"] = bench_sampling(work, 2 if args.quick else 3)
-        results["previews"] = bench_previews(work, dataset, steps)
+        if "dataset" in only:
+            results["dataset"] = bench_dataset_generation(work, 200 if args.quick else 2000)
+        if "phase2" in only:
+            results["phase2"] = bench_phase2(work, dataset, steps)
+        if "lbm" in only:
+            if "phase2" not in only:
+                _ensure_cache(work, dataset)
+            results["lbm"] = bench_lbm(work, steps)
+        if "sampling" in only:
+            results["sampling"] = bench_sampling(work, 2 if args.quick else 3)
+        if "previews" in only:
+            results["previews"] = bench_previews(work, dataset, steps)
+        if set(only) & set(PROCESSES):
+            results["processes_meta"] = meta
+        if "phase1_processes" in only:
+            results["phase1_processes"] = bench_phase1_processes(work, dataset)
+        if "phase2_processes" in only:
+            results["phase2_processes"] = bench_phase2_processes(work, dataset, steps)
+        if "checkpoint" in only:
+            results["checkpoint"] = bench_checkpoint(work, dataset, 5 if args.quick else 15)
+        if "resume" in only:
+            results["resume"] = bench_resume(work, dataset, 1 if args.quick else 3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = ROOT / "benchmarks/results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2))
-    text = render(results)
-    print(text)
-    if not args.quick:
-        update_benchmarks_md(text)
+    if set(only) & set(SPLIT_PHASE) and all(k in results for k in SPLIT_PHASE[:-1]) and "previews" in results:
+        text = render(results)
+        print(text)
+        if not args.quick:
+            update_benchmarks_md(text)
+    if set(only) & set(PROCESSES):
+        text = render_processes(results)
+        print(text)
+        if not args.quick:
+            update_benchmarks_md(text, "processes")
+    if "app" not in only:
+        return 0
     # The app's click-to-result latency: its own module (a server on a free loopback port), same run.
     from benchmarks.app_latency import main as app_latency
     return app_latency(["--quick"] if args.quick else [])

@@ -216,7 +216,7 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
     """Encode the dataset into ``cfg.cache_dir``; shard across processes when run under accelerate."""
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU processes do not see each other
     samples = load_dataset(cfg.dataset_json, root=cfg.data_root)
     cfg.model.check(("text_encoder", "vae", "processor"))
     cache_dir = Path(cfg.cache_dir)

@@ -10,6 +10,14 @@ from pathlib import Path
 from .errors import EditTunerError
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank line or one torn by a hard kill mid-write."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return None
+
+
 class MetricsLog:
     def __init__(self, path: str | os.PathLike, truncate_after_step: int | None = None):
         self.path = Path(path)
@@ -17,7 +25,7 @@ class MetricsLog:
         if truncate_after_step is not None and self.path.exists():
             # On resume, drop lines past the checkpoint so the log reads as one uninterrupted run.
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+                    if _step_of(line) is not None and _step_of(line) <= truncate_after_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")
 
