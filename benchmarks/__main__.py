@@ -204,10 +204,10 @@ def bench_sampling(work: Path, repeats: int) -> dict:
     source = load_rgb(work / "demo/raw/source/00_astronaut.png")
     prompt = "Make the marked region black and white."
     result = {"flow_30_cfg_s": median_time(lambda: editor.edit([source], prompt, SamplerConfig(sampler="flow", steps=30)),
-                                           repeats, warmup=1)}
+                                           repeats, warmup=3)}
     for n in (1, 2, 4):
         sampler = SamplerConfig(sampler="bridge", steps=n)
-        result[f"bridge_{n}_s"] = median_time(lambda: editor.edit([source], prompt, sampler), repeats * 3, warmup=1)
+        result[f"bridge_{n}_s"] = median_time(lambda: editor.edit([source], prompt, sampler), repeats * 3, warmup=3)
         result[f"flow_over_bridge{n}"] = result["flow_30_cfg_s"] / result[f"bridge_{n}_s"]
     return result
 
