@@ -40,8 +40,9 @@ def resolve_deepspeed_config(path: str | os.PathLike, gradient_accumulation: int
     except (OSError, ValueError) as exc:
         raise EditTunerError(f"--deepspeed_config {path}: cannot read it as JSON ({exc})") from None
     zero = config.get("zero_optimization", {})
-    if not isinstance(zero, dict) or zero.get("stage") not in (0, 1, 2, 3):
-        raise EditTunerError(f"--deepspeed_config {path}: zero_optimization.stage must be 0-3")
+    if not isinstance(zero, dict) or zero.get("stage") != 3:
+        raise EditTunerError(f"--deepspeed_config {path}: zero_optimization.stage must be 3 (ZeRO-3 is what edittuner "
+                             "drives and checkpoints; use accelerate_configs/ddp.yaml for plain data parallel)")
     auto = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gradient_accumulation}
     for key, value in auto.items():
         if config.get(key, "auto") == "auto":
@@ -123,7 +124,19 @@ class DeepSpeedRuntime:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def optimizer_state(self, optimizer) -> dict | None:
-        return None  # partitioned per rank; see TrainConfig's resume check
+        return None  # partitioned: every rank saves its own shard (optimizer_shard)
+
+    def optimizer_shard(self, optimizer) -> dict:
+        """This rank's part of the ZeRO optimizer: the inner optimizer's state on its flat partition and the fp32
+        master partition (which is also the LoRA's exact value). The rest of DeepSpeed's state_dict is config
+        (stage, loss scaler) that a resumed run rebuilds identically, and not all of it is plain data."""
+        state = optimizer.state_dict()
+        return {"optimizer_state_dict": state["optimizer_state_dict"], "fp32_flat_groups": state["fp32_flat_groups"]}
+
+    def load_optimizer_shard(self, optimizer, shard: dict) -> None:
+        state = {**optimizer.state_dict(), **shard}
+        # DeepSpeed takes one state per rank and reads its own; it also copies the fp32 partitions into the model.
+        optimizer.load_state_dict([state] * self.num_processes)
 
 
 class AccelerateRuntime:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -266,6 +267,20 @@ class ValidationPreviews:
         return {"validation_time_s": time.perf_counter() - start}
 
 
+def check_resume_layout(resume_dir: Path, trainer_state: dict, runtime) -> None:
+    """A ZeRO checkpoint holds one optimizer shard per rank; the others hold the whole optimizer."""
+    saved_zero, saved_n = trainer_state.get("zero_stage"), trainer_state.get("processes", 1)
+    if runtime.zero_stage:
+        if not saved_zero or saved_n != runtime.num_processes:
+            made = f"under DeepSpeed ZeRO with {saved_n} processes" if saved_zero else "without DeepSpeed ZeRO"
+            raise EditTunerError(f"--resume {resume_dir}: this checkpoint was written {made}; resume it the same way "
+                                 f"(this run: ZeRO with {runtime.num_processes} processes)")
+    elif saved_zero:
+        raise EditTunerError(f"--resume {resume_dir}: this checkpoint was written under DeepSpeed ZeRO with {saved_n} "
+                             "processes (one optimizer shard each); resume it with the same --deepspeed_config and "
+                             "process count")
+
+
 def make_runtime(cfg: TrainConfig, mixed: str):
     """accelerate (single device or DDP), or DeepSpeed ZeRO when a DeepSpeed config is named."""
     deepspeed_config = cfg.deepspeed_config or deepspeed_config_from_env()
@@ -282,10 +297,6 @@ def make_runtime(cfg: TrainConfig, mixed: str):
             "computed from the parameters each rank holds, and ZeRO gives every rank a different shard, so d would "
             "drift apart across ranks. Use accelerate_configs/ddp.yaml with prodigy_sf (d stays identical: every "
             "rank sees the same gradients), or --optimizer adamw with ZeRO-3.")
-    if cfg.resume:
-        raise EditTunerError("--resume with DeepSpeed ZeRO is not supported yet: the optimizer state is partitioned "
-                             "across ranks and ZeRO checkpoints hold only the gathered LoRA; start the run again, or "
-                             "train with accelerate_configs/ddp.yaml, where resume is exact")
     return DeepSpeedRuntime(config)
 
 
@@ -328,10 +339,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     if resume_dir is not None:
         trainer_state = json.loads((resume_dir / "trainer_state.json").read_text())
-        set_lora_state(dit, load_lora_file(resume_dir / "lora.safetensors"), cfg.rank, cfg.alpha)
-        # The checkpoint holds the averaged weights and the optimizer state saved in eval mode; loading both
-        # and switching to train mode rebuilds the training view exactly.
-        optimizer.load_state_dict(load_state(resume_dir, "optimizer"))
+        check_resume_layout(resume_dir, trainer_state, accelerator)
+        if accelerator.zero_stage:
+            # Each rank's shard holds its fp32 master partition too: loading it restores the LoRA exactly.
+            accelerator.load_optimizer_shard(optimizer, load_state(resume_dir, f"optimizer.rank{accelerator.process_index}"))
+        else:
+            set_lora_state(dit, load_lora_file(resume_dir / "lora.safetensors"), cfg.rank, cfg.alpha)
+            # The checkpoint holds the averaged weights and the optimizer state saved in eval mode; loading both
+            # and switching to train mode rebuilds the training view exactly.
+            optimizer.load_state_dict(load_state(resume_dir, "optimizer"))
         if cfg.optimizer == "prodigy_sf":
             base_optimizer.train()
             if (resume_dir / "training_view.safetensors").exists():  # bitwise, not the fp32 lerp round trip
@@ -350,19 +366,37 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         with averaged_weights() as view, accelerator.gathered(params):
             state = lora_state_dict(dit, cfg.rank, cfg.alpha)
             optimizer_state = accelerator.optimizer_state(optimizer)
+        shards = None
+        if accelerator.zero_stage:
+            # Every rank writes its optimizer shard beside the checkpoint; the main process moves them in, so the
+            # checkpoint still appears in one rename.
+            shards = output_dir / "checkpoints" / f".step-{step}.shards"
+            if accelerator.is_main_process:
+                shutil.rmtree(shards, ignore_errors=True)
+                shards.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            save_state(shards, f"optimizer.rank{accelerator.process_index}", accelerator.optimizer_shard(optimizer))
+            accelerator.wait_for_everyone()
 
         def files(tmp: Path):
             save_lora(tmp / "lora.safetensors", state, metadata)
             if optimizer_state is not None:
                 save_state(tmp, "optimizer", optimizer_state)
+            for shard in sorted(shards.iterdir()) if shards else ():
+                os.replace(shard, tmp / shard.name)
             if view.training_view is not None:
                 save_state(tmp, "training_view", view.training_view)
-            write_json(tmp / "trainer_state.json", {"step": step, "seed": cfg.seed,
+            write_json(tmp / "trainer_state.json", {"step": step, "seed": cfg.seed, "processes": accelerator.num_processes,
+                                                    "zero_stage": accelerator.zero_stage,
                                                     "lr_schedule": {k: v for k, v in lr_schedule.state_dict().items()
                                                                     if k != "lr_lambdas"}})
         path = None
         if accelerator.is_main_process:
-            path = write_checkpoint(output_dir / "checkpoints", step, files, cfg.keep_last)
+            try:
+                path = write_checkpoint(output_dir / "checkpoints", step, files, cfg.keep_last)
+            finally:
+                if shards:
+                    shutil.rmtree(shards, ignore_errors=True)
         accelerator.wait_for_everyone()
         return path
 

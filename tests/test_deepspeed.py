@@ -54,7 +54,7 @@ def test_zero3_on_two_ranks_equals_one_process_with_doubled_accumulation(demo_ca
     assert config["resolved"]["processes"] == 2
 
 
-def test_zero3_refuses_prodigy_and_resume(demo_cache, tmp_path):
+def test_zero3_refuses_prodigy_and_bad_configs(demo_cache, tmp_path):
     with pytest.raises(EditTunerError, match="d would drift apart across ranks"):
         train(TrainConfig(cache_dir=demo_cache, output_dir=tmp_path / "p", optimizer="prodigy_sf",
                           deepspeed_config=ZERO3, max_steps=1), progress=False)
@@ -63,3 +63,31 @@ def test_zero3_refuses_prodigy_and_resume(demo_cache, tmp_path):
     with pytest.raises(EditTunerError, match="cannot read it as JSON"):
         train(TrainConfig(cache_dir=demo_cache, output_dir=tmp_path / "b", deepspeed_config=bad, max_steps=1),
               progress=False)
+    stage2 = tmp_path / "stage2.json"
+    stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(EditTunerError, match="stage must be 3"):
+        train(TrainConfig(cache_dir=demo_cache, output_dir=tmp_path / "s", deepspeed_config=stage2, max_steps=1),
+              progress=False)
+
+
+def test_zero3_resume_from_per_rank_shards_is_exact(demo_cache, resize, tmp_path):
+    common = ["--cache_dir", demo_cache, "--deepspeed_config", ZERO3, "--learning_rate", 5e-3, "--rank", 4,
+              "--max_pixels", TINY_PIXELS, "--eval_samples", 0, "--report_to", "none", "--save_every", 3,
+              "--gradient_accumulation", 1, "--gradient_checkpointing", "off", "--warmup_steps", 4]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    runs = [_torchrun("train", "--output_dir", whole, "--max_steps", 6, *common),
+            _torchrun("train", "--output_dir", part, "--max_steps", 3, *common)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    assert sorted(p.name for p in (part / "checkpoints/step-3").glob("optimizer.rank*.safetensors")) == \
+        ["optimizer.rank0.safetensors", "optimizer.rank1.safetensors"]
+    assert not list((part / "checkpoints").glob(".*"))  # no staging folder left behind
+    resumed = _torchrun("train", "--output_dir", part, "--max_steps", 6, "--resume", "latest", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(whole / "lora.safetensors"), load_file(part / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    got, want = read_metrics(part / "metrics.jsonl"), read_metrics(whole / "metrics.jsonl")
+    assert [(m["loss"], m["lr"], m["grad_norm"]) for m in got] == [(m["loss"], m["lr"], m["grad_norm"]) for m in want]
+    # A ZeRO checkpoint resumed without ZeRO is refused, naming how it was written.
+    with pytest.raises(EditTunerError, match="written under DeepSpeed ZeRO with 2 processes"):
+        train(TrainConfig(cache_dir=demo_cache, output_dir=part, resize=resize, max_steps=8, resume="latest", rank=4,
+                          gradient_accumulation=1), progress=False)
