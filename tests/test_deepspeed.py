@@ -91,3 +91,22 @@ def test_zero3_resume_from_per_rank_shards_is_exact(demo_cache, resize, tmp_path
     with pytest.raises(EditTunerError, match="written under DeepSpeed ZeRO with 2 processes"):
         train(TrainConfig(cache_dir=demo_cache, output_dir=part, resize=resize, max_steps=8, resume="latest", rank=4,
                           gradient_accumulation=1), progress=False)
+
+
+def test_launcher_with_the_zero3_accelerate_config_runs_both_phases_on_two_processes(demo_dir, tmp_path):
+    """ACCELERATE_CONFIG=zero3.yaml, NUM_PROCESSES=2: accelerate launches, phase 1 shards, phase 2 runs ZeRO-3
+    (driven by edittuner from the env accelerate exports) and writes one optimizer shard per rank."""
+    import os
+    import shutil
+    shutil.copytree(demo_dir, tmp_path / "demo")
+    env = {**os.environ, "ACCELERATE_CONFIG": "accelerate_configs/zero3.yaml", "NUM_PROCESSES": "2", "STEPS": "2",
+           "SAVE_EVERY": "2", "DATASET_JSON": str(tmp_path / "demo/dataset.json"), "CACHE_DIR": str(tmp_path / "cache"),
+           "OUTPUT_DIR": str(tmp_path / "run"), "VALIDATION_STEPS": "0"}
+    result = subprocess.run(["bash", str(ROOT / "Qwen-Image-Edit-2511.sh")], capture_output=True, text=True, cwd=ROOT,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("phase 1: encoded") == 1 and result.stdout.count("phase 2: 2 steps") == 1
+    step = tmp_path / "run/checkpoints/step-2"
+    assert json.loads((step / "trainer_state.json").read_text())["zero_stage"] == 3
+    assert sorted(p.name for p in step.glob("optimizer.rank*.safetensors")) == \
+        ["optimizer.rank0.safetensors", "optimizer.rank1.safetensors"]
