@@ -223,6 +223,7 @@ class ValidationPreviews:
         self.dtype, self.device, self.every = dtype, device, every
         self.samples = [reader.load(i) for i in range(min(cfg.validation_samples, len(reader)))]
         self.folder = output_dir / "validation"
+        self._fixed: dict[int, tuple] = {}
 
     @classmethod
     def open(cls, cfg: TrainConfig, accelerator, dit, denoiser, dtype, output_dir: Path) -> "ValidationPreviews | None":
@@ -242,6 +243,14 @@ class ValidationPreviews:
         vae = cfg.model.load_vae(dtype=dtype, device=accelerator.device) if accelerator.is_main_process else None
         return cls(cfg, reader, dit, denoiser, vae, dtype, accelerator.device, output_dir, every)
 
+    def fixed_images(self, index: int) -> tuple[list, object]:
+        """References and target of pair ``index``, decoded once for the whole run."""
+        if index not in self._fixed:
+            sample = self.samples[index]
+            refs = [decode_latents(self.vae, sample[f"ref.{k}"][None]) for k in range(3) if f"ref.{k}" in sample]
+            self._fixed[index] = (refs, decode_latents(self.vae, sample["target"][None]))
+        return self._fixed[index]
+
     @torch.no_grad()
     def write(self, step: int, tracker: Tracker | None) -> dict:
         """Sample every pair (every process runs the DiT, so sharded models stay in step); the main process
@@ -249,14 +258,13 @@ class ValidationPreviews:
         start = time.perf_counter()
         rows = []
         with torch.random.fork_rng(devices=[]):
-            for sample, record in zip(self.samples, self.reader.records):
+            for index, (sample, record) in enumerate(zip(self.samples, self.reader.records)):
                 latents = sample_edit_latents(self.dit, sample, self.cfg.validation_sampler, self.cfg.model_version,
                                               self.device, self.dtype, sample.get("negative_prompt_emb"),
                                               denoiser=self.denoiser)
                 if self.vae is not None:
-                    refs = [decode_latents(self.vae, sample[f"ref.{k}"][None]) for k in range(3) if f"ref.{k}" in sample]
-                    rows.append((refs, decode_latents(self.vae, latents), decode_latents(self.vae, sample["target"][None]),
-                                 record["prompt"]))
+                    refs, target = self.fixed_images(index)
+                    rows.append((refs, decode_latents(self.vae, latents), target, record["prompt"]))
         if self.vae is not None:
             path = self.folder / f"step-{step:06d}.png"
             self.folder.mkdir(parents=True, exist_ok=True)
