@@ -342,6 +342,55 @@ def bench_phase2_processes(work: Path, dataset: Path, steps: int) -> dict:
     return result
 
 
+def bench_batching(work: Path, steps: int, rounds: int = 2) -> dict:
+    """Phase-2 samples/s at --batch_size 1, 2, 4 (accumulation 1, same bench DiT, in this process) on a cache of
+    same-shape samples (the demo's square pairs: every micro-step is one batched forward), median step time over
+    the steps after the first two of each run (runs interleaved over rounds), as ratios against batch 1."""
+    from edittuner.demo import make_demo_dataset
+    make_demo_dataset(work / "demo", size=SIZE)
+    rows = [r for r in json.loads((work / "demo/dataset.json").read_text())
+            if r["width"] == r["height"] and len(r["edit_image"]) == 1]
+    rows = [dict(r, id=f"{i}", image=str(work / "demo" / r["image"]), back_mask=None,
+                 edit_image=[str(work / "demo" / r["edit_image"][0])]) for i, r in enumerate((rows * 16)[:16])]
+    (work / "bench_square.json").write_text(json.dumps(rows))
+    resize = ResizeConfig(max_pixels=SIZE * SIZE)
+    model = ModelSource(transformer_dir=str(work / "transformer"))
+    cache = work / "cache_square"
+    precompute_cache(PrecomputeConfig(dataset_json=work / "bench_square.json", cache_dir=cache, model=model,
+                                      resize=resize, overwrite=True), progress=False)
+    shapes = {json.dumps(r["shapes"]["target"]) for r in json.loads((cache / "manifest.json").read_text())["samples"]}
+    result = {"samples": len(rows), "target_shapes": sorted(shapes), "rounds": rounds}
+    step_times = {1: [], 2: [], 4: []}
+    for round_ in range(rounds):  # interleaved, so that load on a shared machine hits every batch size alike
+        for batch in (1, 2, 4):
+            run = work / f"batch-{batch}-{round_}"
+            cfg = TrainConfig(cache_dir=cache, output_dir=run, model=model, resize=resize, max_steps=steps + 2,
+                              rank=32, gradient_accumulation=1, batch_size=batch, gradient_checkpointing=False,
+                              save_every=10_000, eval_samples=0, report_to="none", validation_steps=0)
+            train(cfg, progress=False)
+            step_times[batch] += [m["step_time_s"] for m in read_metrics(run / "metrics.jsonl")[2:]]
+    for batch, times in step_times.items():
+        result[f"step_s_{batch}"] = statistics.median(times)
+        result[f"samples_per_s_{batch}"] = batch / result[f"step_s_{batch}"]
+    for batch in (2, 4):
+        result[f"speedup_{batch}_over_1"] = result[f"samples_per_s_{batch}"] / result["samples_per_s_1"]
+    return result
+
+
+def render_batching(results: dict) -> str:
+    b, meta = results["batching"], results["batching_meta"]
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Date: {meta['date']}  ",
+             f"Model: the bench DiT (4 blocks x width 256, LoRA rank 32, 2511 targets), target {SIZE}x{SIZE} + one "
+             f"{SIZE}x{SIZE} reference, fp32, accumulation 1, {b['samples']} same-shape cached samples; median step "
+             f"time over {b['rounds']} interleaved rounds of runs.",
+             "", "| figure | value | baseline (same run) | ratio |", "|---|---|---|---|"]
+    for batch in (2, 4):
+        lines.append(f"| phase 2, `--batch_size {batch}` | {b[f'samples_per_s_{batch}']:.2f} samples/s "
+                     f"({b[f'step_s_{batch}'] * 1000:.0f} ms/step) | `--batch_size 1`: {b['samples_per_s_1']:.2f} samples/s "
+                     f"({b['step_s_1'] * 1000:.0f} ms/step) | {b[f'speedup_{batch}_over_1']:.2f} |")
+    return "\n".join(lines)
+
+
 def bench_checkpoint(work: Path, dataset: Path, repeats: int) -> dict:
     """Writing and reading a checkpoint of the bench DiT's LoRA (rank 32) and its AdamW state, as the trainer does,
     against raw safetensors save/load of the same tensors and against one training step (fwd+bwd+AdamW)."""
@@ -561,7 +610,7 @@ def update_benchmarks_md(text: str, section: str = "split-phase") -> None:
 
 SPLIT_PHASE = ("dataset", "phase2", "lbm", "sampling", "previews")
 PROCESSES = ("phase1_processes", "phase2_processes", "checkpoint", "resume")
-CASES = SPLIT_PHASE + PROCESSES + ("app",)
+CASES = SPLIT_PHASE + PROCESSES + ("batching", "app")
 
 
 def parse_only(text: str | None) -> tuple[str, ...]:
@@ -619,6 +668,9 @@ def main(argv=None) -> int:
             results["checkpoint"] = bench_checkpoint(work, dataset, 5 if args.quick else 15)
         if "resume" in only:
             results["resume"] = bench_resume(work, dataset, 1 if args.quick else 3)
+        if "batching" in only:
+            results["batching_meta"] = meta
+            results["batching"] = bench_batching(work, steps, 1 if args.quick else 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -633,6 +685,11 @@ def main(argv=None) -> int:
         print(text)
         if not args.quick:
             update_benchmarks_md(text, "processes")
+    if "batching" in only:
+        text = render_batching(results)
+        print(text)
+        if not args.quick:
+            update_benchmarks_md(text, "batching")
     if "app" not in only:
         return 0
     # The app's click-to-result latency: its own module (a server on a free loopback port), same run.

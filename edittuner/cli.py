@@ -100,7 +100,7 @@ def cmd_train(args) -> None:
         model_version=args.model_version, resize=resize_from_args(args), max_steps=args.max_steps,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, rank=args.rank, alpha=args.alpha,
-        gradient_accumulation=args.gradient_accumulation, zero_cond_t=args.zero_cond_t,
+        gradient_accumulation=args.gradient_accumulation, batch_size=args.batch_size, zero_cond_t=args.zero_cond_t,
         lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, gradient_checkpointing=args.gradient_checkpointing,
         mixed_precision=args.mixed_precision, resume=args.resume, eval_samples=args.eval_samples,
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
     p.add_argument("--gradient_accumulation", type=int, default=None, help="default from the preset (2509: 1, 2511: 16)")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="samples per micro-step (default 1); samples of equal latent shapes share one DiT forward, "
+                        "the loss is the mean over the micro-step's samples (flow objective; not under DeepSpeed)")
     p.add_argument("--zero_cond_t", type=_on_off, default=None, help="on/off; default from the preset (2511 on, 2509 off)")
     p.add_argument("--lora_targets", default=None, help="comma-separated module suffixes (default from the preset)")
     p.add_argument("--seed", type=int, default=0)

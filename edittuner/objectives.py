@@ -68,6 +68,9 @@ class DiTDenoiser(torch.nn.Module):
         self.dit = dit
 
     def forward(self, latents, timestep, **conditioning):
+        if latents.shape[0] > 1:  # the engine's model function is batch-1 only: our batched twin of it
+            from .batching import batched_model_fn
+            return batched_model_fn(self.dit, latents=latents, timestep=timestep, **conditioning)
         return model_fn_qwen_image(dit=self.dit, latents=latents, timestep=timestep, **conditioning)
 
 
@@ -84,15 +87,37 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Ten
 def flow_matching_loss(denoiser: Callable, scheduler: FlowMatchScheduler, x0: torch.Tensor, conditioning: dict,
                        cfg: FlowMatchConfig = FlowMatchConfig(), mask: torch.Tensor | None = None) -> torch.Tensor:
     """One sample's loss, drawing from the global RNG in the same order as the engine's FlowMatchSFTLoss."""
+    timestep, latents, target = flow_matching_draw(scheduler, x0, cfg)
+    prediction = denoiser(latents=latents, timestep=timestep, **conditioning)
+    loss = weighted_mse(prediction, target, mask, cfg)
+    return loss * scheduler.training_weight(timestep)
+
+
+def flow_matching_draw(scheduler: FlowMatchScheduler, x0: torch.Tensor, cfg: FlowMatchConfig = FlowMatchConfig()):
+    """One sample's timestep and noise from the global RNG: (timestep (1,), noisy latents, regression target)."""
     steps = len(scheduler.timesteps)
     timestep_id = torch.randint(int(cfg.min_timestep_boundary * steps), int(cfg.max_timestep_boundary * steps), (1,))
     timestep = scheduler.timesteps[timestep_id].to(dtype=x0.dtype, device=x0.device)
     noise = torch.randn_like(x0)
-    latents = scheduler.add_noise(x0, noise, timestep)
-    target = scheduler.training_target(x0, noise, timestep)
-    prediction = denoiser(latents=latents, timestep=timestep, **conditioning)
-    loss = weighted_mse(prediction, target, mask, cfg)
-    return loss * scheduler.training_weight(timestep)
+    return timestep, scheduler.add_noise(x0, noise, timestep), scheduler.training_target(x0, noise, timestep)
+
+
+def batched_flow_matching_losses(denoiser: Callable, scheduler: FlowMatchScheduler, x0s: list[torch.Tensor],
+                                 seeds: list[int], conditioning: dict, cfg: FlowMatchConfig = FlowMatchConfig(),
+                                 masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Per-sample flow-matching losses (B,) of same-shape samples x0s (each (1, C, h, w)) in one batched forward.
+
+    Sample i draws its timestep and noise after ``torch.manual_seed(seeds[i])``, exactly as flow_matching_loss
+    does after the same seed, so each loss is the batch-1 loss of that sample (up to float reassociation)."""
+    draws = []
+    for x0, seed in zip(x0s, seeds):
+        torch.manual_seed(seed)
+        draws.append(flow_matching_draw(scheduler, x0, cfg))
+    timesteps = torch.cat([d[0] for d in draws])
+    prediction = denoiser(latents=torch.cat([d[1] for d in draws]), timestep=timesteps, **conditioning)
+    masks = masks or [None] * len(x0s)
+    return torch.stack([weighted_mse(prediction[i:i + 1], draw[2], masks[i], cfg) * scheduler.training_weight(draw[0])
+                        for i, draw in enumerate(draws)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_path, write_json
+from .batching import collate_conditioning, shape_groups
 from .cache import VALIDATION_SUBDIR, CacheReader
 from .checkpoint import load_state, resolve_resume, save_state, write_checkpoint
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
@@ -28,8 +29,8 @@ from .errors import EditTunerError
 from .images import ResizeConfig
 from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
 from .models import ModelSource
-from .objectives import (BridgeConfig, DiTDenoiser, FlowMatchConfig, bridge_matching_loss, dit_conditioning,
-                         flow_matching_loss, sample_bridge, training_scheduler)
+from .objectives import (BridgeConfig, DiTDenoiser, FlowMatchConfig, batched_flow_matching_losses,
+                         bridge_matching_loss, dit_conditioning, flow_matching_loss, sample_bridge, training_scheduler)
 from .sampling import SamplerConfig, decode_latents, sample_edit_latents, validation_grid
 from .tracking import REPORT_TO, Tracker
 
@@ -52,6 +53,7 @@ class TrainConfig:
     rank: int = 32
     alpha: float | None = None
     gradient_accumulation: int | None = None
+    batch_size: int = 1                       # samples per micro-step; same-shape samples share one DiT forward
     zero_cond_t: bool | None = None
     lora_targets: tuple[str, ...] | None = None
     seed: int = 0
@@ -101,6 +103,11 @@ class TrainConfig:
                   (1 <= self.rank <= 1024, f"--rank {self.rank}: must be between 1 and 1024"),
                   (self.alpha > 0, f"--alpha {self.alpha}: must be positive"),
                   (self.gradient_accumulation >= 1, f"--gradient_accumulation {self.gradient_accumulation}: must be >= 1"),
+                  (self.batch_size >= 1, f"--batch_size {self.batch_size}: must be >= 1"),
+                  (self.batch_size == 1 or self.objective == "flow",
+                   f"--batch_size {self.batch_size} with --objective lbm: batched training covers flow matching only "
+                   "(LBM's per-sample stream choice changes which reference tokens a sample sees); use --batch_size 1 "
+                   "and --gradient_accumulation for a larger effective batch"),
                   (self.save_every >= 1, f"--save_every {self.save_every}: must be >= 1"),
                   (self.max_grad_norm >= 0, f"--max_grad_norm {self.max_grad_norm}: must be >= 0 (0 disables clipping)"),
                   (self.mixed_precision in ("auto", "no", "bf16"),
@@ -294,6 +301,11 @@ def make_runtime(cfg: TrainConfig, mixed: str):
     deepspeed_config = cfg.deepspeed_config or deepspeed_config_from_env()
     if deepspeed_config is None:
         return AccelerateRuntime(mixed, cpu=not torch.cuda.is_available())
+    if cfg.batch_size > 1:
+        raise EditTunerError(
+            f"--batch_size {cfg.batch_size} under DeepSpeed ZeRO ({deepspeed_config}): the engine counts one backward "
+            "per micro-step of batch 1 (train_micro_batch_size_per_gpu 1); use --batch_size 1 with "
+            "--gradient_accumulation, or accelerate_configs/ddp.yaml / a single process for --batch_size > 1")
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         os.environ.pop(var, None)  # so that nothing below builds accelerate's own DeepSpeed plugin
     config = resolve_deepspeed_config(deepspeed_config, cfg.gradient_accumulation, bf16=mixed == "bf16",
@@ -430,6 +442,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                                             cfg.bridge, mask)
             return flow_matching_loss(denoiser, scheduler, x1, conditioning, cfg.flow, mask)
 
+    def group_losses(samples: list[dict], positions: list[int]) -> torch.Tensor:
+        """Per-sample flow losses of same-shape samples in one forward; sample k draws with position k's seed."""
+        x0s = [s["target"][None].to(accelerator.device, weight_dtype) for s in samples]
+        conditioning = collate_conditioning(samples, accelerator.device, weight_dtype, cfg.zero_cond_t,
+                                            cfg.gradient_checkpointing)
+        masks = [s["mask"][None].to(accelerator.device) if "mask" in s else None for s in samples]
+        with accelerator.autocast():
+            return batched_flow_matching_losses(denoiser, scheduler, x0s,
+                                                [seed_for_position(cfg.seed, p) for p in positions],
+                                                conditioning, cfg.flow, masks)
+
     eval_set = [reader.load(i) for i in range(min(cfg.eval_samples, len(reader)))]
 
     def evaluate() -> dict:
@@ -467,7 +490,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     eval_start = evaluate()
     world, rank = accelerator.num_processes, accelerator.process_index
-    ga = cfg.gradient_accumulation
+    ga, batch = cfg.gradient_accumulation, cfg.batch_size
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="phase 2", unit="step",
                disable=not (progress and accelerator.is_main_process))
     last_loss = float("nan")
@@ -478,25 +501,37 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             step_start = time.perf_counter()
             total = torch.zeros((), device=accelerator.device)
             for micro in range(ga):
-                position = (step * ga + micro) * world + rank
-                sample = reader.load(sample_at(position, len(reader), cfg.seed))
-                torch.manual_seed(seed_for_position(cfg.seed, position))
-                sync = micro == ga - 1
-                with accelerator.no_sync(denoiser) if not sync else nullcontext():
-                    loss = sample_loss(sample)
-                    if not torch.isfinite(loss):
-                        raise EditTunerError(f"step {step + 1}: loss is {loss.item()} on sample "
-                                             f"{reader.records[sample_at(position, len(reader), cfg.seed)]['id']}; "
-                                             "lower --learning_rate or check that sample; the last checkpoint is kept")
-                    accelerator.backward(loss / ga)
-                total += loss.detach().float()
+                # A micro-step takes batch_size consecutive global positions (batch 1: position k is micro-step
+                # k's), split into groups of equal latent shapes, each group one batched forward.
+                first = ((step * ga + micro) * world + rank) * batch
+                positions = list(range(first, first + batch))
+                indices = [sample_at(p, len(reader), cfg.seed) for p in positions]
+                samples = [reader.load(i) for i in indices]
+                groups = shape_groups(samples)
+                for g, group in enumerate(groups):
+                    sync = micro == ga - 1 and g == len(groups) - 1
+                    with accelerator.no_sync(denoiser) if not sync else nullcontext():
+                        if batch == 1:
+                            torch.manual_seed(seed_for_position(cfg.seed, positions[0]))
+                            losses = sample_loss(samples[0])[None]
+                        else:
+                            losses = group_losses([samples[i] for i in group], [positions[i] for i in group])
+                        bad = [i for i, value in zip(group, losses.detach()) if not torch.isfinite(value)]
+                        if bad:
+                            raise EditTunerError(f"step {step + 1}: loss is {losses[group.index(bad[0])].item()} on "
+                                                 f"sample {reader.records[indices[bad[0]]]['id']}; lower "
+                                                 "--learning_rate or check that sample; the last checkpoint is kept")
+                        # Each group weighs by its share of the micro-step: the total is the mean over its samples.
+                        loss = losses.mean()
+                        accelerator.backward(loss * len(group) / batch / ga)
+                    total += losses.detach().float().sum() / batch
             grad_norm = accelerator.clip_grad_norm(params, cfg.max_grad_norm)
             accelerator.optimizer_step(optimizer)
             lr_schedule.step()
             last_loss = float(accelerator.reduce(total / ga, reduction="mean"))
             step_time = time.perf_counter() - step_start
             record = {"step": step + 1, "loss": last_loss, "lr": lr_schedule.get_last_lr()[0],
-                      "grad_norm": grad_norm, "step_time_s": step_time, "samples_per_s": ga * world / step_time}
+                      "grad_norm": grad_norm, "step_time_s": step_time, "samples_per_s": ga * world * batch / step_time}
             if cfg.optimizer == "prodigy_sf":
                 group = base_optimizer.param_groups[0]
                 record["d"], record["d_lr"] = group["d"], group["d"] * group["lr"]

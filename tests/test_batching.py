@@ -1,0 +1,145 @@
+"""Batch > 1: the batched DiT forward against the engine's batch-1 model function, and batched training against
+gradient accumulation over the same samples at batch 1."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from diffsynth.pipelines.qwen_image import model_fn_qwen_image
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+from edittuner.batching import batched_model_fn, collate_conditioning, shape_groups
+from edittuner.errors import EditTunerError
+from edittuner.lora import PRESETS, inject_lora
+from edittuner.objectives import (DiTDenoiser, FlowMatchConfig, batched_flow_matching_losses, dit_conditioning,
+                                  flow_matching_loss, training_scheduler)
+from edittuner.tiny import TINY_TEXT_DIM, build_tiny_dit
+from edittuner.tracking import read_metrics
+from edittuner.trainer import TrainConfig, make_runtime, train
+
+SAME_SHAPE_IDS = ("00_astronaut", "04_hubble_deep_field", "05_immunohistochemistry", "07_moon")  # 96x96, one ref
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True])
+def test_batched_forward_equals_engine_calls_per_sample(zero_cond_t):
+    dit = build_tiny_dit(1)
+    g = torch.Generator().manual_seed(0)
+    lengths = [37, 20, 29]  # different prompt lengths: padded, masked
+    latents = torch.randn(3, 16, 8, 12, generator=g)
+    refs = [torch.randn(3, 16, 8, 12, generator=g), torch.randn(3, 16, 6, 6, generator=g)]
+    timesteps = torch.tensor([900.0, 300.0, 51.0])
+    prompts = [torch.randn(n, TINY_TEXT_DIM, generator=g) for n in lengths]
+    samples = [{"target": latents[i], "ref.0": refs[0][i], "ref.1": refs[1][i], "prompt_emb": prompts[i]}
+               for i in range(3)]
+    conditioning = collate_conditioning(samples, "cpu", torch.float32, zero_cond_t)
+    assert conditioning["prompt_emb"].shape[1] == 37 and conditioning["prompt_emb_mask"].sum().item() == sum(lengths)
+    batched = batched_model_fn(dit, latents, timesteps, **conditioning)
+    for i in range(3):
+        alone = model_fn_qwen_image(dit=dit, latents=latents[i:i + 1], timestep=timesteps[i:i + 1],
+                                    **dit_conditioning(samples[i], "cpu", torch.float32, zero_cond_t))
+        assert (batched[i:i + 1] - alone).abs().max() < 1e-5
+
+
+def test_batched_losses_and_gradients_equal_mean_of_batch_1(demo_cache):
+    dit = build_tiny_dit(0)
+    inject_lora(dit, PRESETS["2511"].lora_targets, rank=4, alpha=4)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.1)
+    from edittuner.cache import CacheReader
+    reader = CacheReader(demo_cache)
+    samples = [reader.load(i) for i, r in enumerate(reader.records) if r["id"] in SAME_SHAPE_IDS[:3]]
+    assert len(samples) == 3
+    denoiser, scheduler, cfg = DiTDenoiser(dit), training_scheduler(), FlowMatchConfig(masked_weight=2.0)
+    lora = [p for n, p in dit.named_parameters() if ".lora_" in n]
+    seeds = [11, 12, 13]
+    per_sample = []
+    for sample, seed in zip(samples, seeds):
+        torch.manual_seed(seed)
+        loss = flow_matching_loss(denoiser, scheduler, sample["target"][None],
+                                  dit_conditioning(sample, "cpu", torch.float32, True), cfg, sample["mask"][None])
+        (loss / len(samples)).backward()
+        per_sample.append(loss.detach())
+    grads_1 = [p.grad.clone() for p in lora]
+    dit.zero_grad(set_to_none=True)
+    losses = batched_flow_matching_losses(denoiser, scheduler, [s["target"][None] for s in samples], seeds,
+                                          collate_conditioning(samples, "cpu", torch.float32, True), cfg,
+                                          [s["mask"][None] for s in samples])
+    losses.mean().backward()
+    torch.testing.assert_close(losses.detach(), torch.stack(per_sample), rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_1, (p.grad for p in lora)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def same_shape_cache(demo_dir, resize, tmp_path_factory):
+    """The demo's 96x96 one-reference pairs, so that every micro-step is one batched forward."""
+    from edittuner.cache import PrecomputeConfig, precompute_cache
+    from edittuner.models import ModelSource
+    work = tmp_path_factory.mktemp("same_shape")
+    rows = [dict(r, image=str(demo_dir / r["image"]), edit_image=[str(demo_dir / e) for e in r["edit_image"]],
+                 back_mask=str(demo_dir / r["back_mask"]) if r.get("back_mask") else None)
+            for r in json.loads((demo_dir / "dataset.json").read_text()) if r["id"] in SAME_SHAPE_IDS]
+    (work / "dataset.json").write_text(json.dumps(rows))
+    precompute_cache(PrecomputeConfig(dataset_json=work / "dataset.json", cache_dir=work / "cache",
+                                      model=ModelSource(), resize=resize), progress=False)
+    manifest = json.loads((work / "cache/manifest.json").read_text())
+    assert len({json.dumps(r["shapes"].get("target")) for r in manifest["samples"]}) == 1
+    return work / "cache"
+
+
+def _run(cache, out, resize, batch_size, ga, steps=2):
+    cfg = TrainConfig(cache_dir=cache, output_dir=out, resize=resize, max_steps=steps, learning_rate=1e-3, rank=4,
+                      gradient_accumulation=ga, batch_size=batch_size, gradient_checkpointing=False,
+                      eval_samples=0, save_every=1000)
+    train(cfg, progress=False)
+    return [m["loss"] for m in read_metrics(out / "metrics.jsonl")], load_file(out / "lora.safetensors")
+
+
+@pytest.mark.parametrize("cache_name, batch", [("same_shape_cache", 2), ("demo_cache", 4)])
+def test_batch_size_run_equals_accumulation_at_batch_1(request, resize, tmp_path, cache_name, batch):
+    """batch_size B, ga 1 sees the same samples, timesteps and noise as batch_size 1, ga B: same losses and LoRA.
+    On the demo cache (mixed shapes) a micro-step splits into shape groups, weighted by size."""
+    cache = request.getfixturevalue(cache_name)
+    losses_b, lora_b = _run(cache, tmp_path / "b", resize, batch, 1)
+    losses_1, lora_1 = _run(cache, tmp_path / "one", resize, 1, batch)
+    assert losses_b == pytest.approx(losses_1, rel=1e-5)
+    for k in lora_1:
+        torch.testing.assert_close(lora_b[k], lora_1[k], rtol=1e-4, atol=1e-6)
+
+
+def test_shape_groups_keep_order():
+    a, b = {"target": torch.zeros(16, 4, 4)}, {"target": torch.zeros(16, 4, 6)}
+    assert shape_groups([a, b, a, dict(a, **{"ref.0": a["target"]}), b]) == [[0, 2], [1, 4], [3]]
+    with pytest.raises(EditTunerError, match="one latent shape"):
+        collate_conditioning([a, b], "cpu", torch.float32, True)
+
+
+@pytest.mark.parametrize("extra, message", [({"batch_size": 0}, "--batch_size 0"),
+                                            ({"batch_size": 2, "objective": "lbm"}, "flow matching only")])
+def test_bad_batch_size_is_refused(tmp_path, extra, message):
+    with pytest.raises(EditTunerError, match=message):
+        TrainConfig(cache_dir=tmp_path, output_dir=tmp_path, **extra)
+
+
+def test_batch_size_refused_under_deepspeed(tmp_path):
+    cfg = TrainConfig(cache_dir=tmp_path, output_dir=tmp_path, batch_size=2, deepspeed_config=tmp_path / "zero3.json")
+    with pytest.raises(EditTunerError, match="under DeepSpeed ZeRO"):
+        make_runtime(cfg, "no")
+
+
+def test_cli_and_launcher_refuse_bad_batch_size(demo_cache, tmp_path):
+    result = run_cli("train", "--cache_dir", demo_cache, "--output_dir", tmp_path / "run", "--batch_size", "0")
+    assert result.returncode != 0 and "--batch_size 0" in result.stderr and "Traceback" not in result.stderr
+    for env, message in [({"BATCH_SIZE": "0"}, "BATCH_SIZE=0"),
+                         ({"BATCH_SIZE": "2", "OBJECTIVE": "lbm"}, "flow objective only"),
+                         ({"BATCH_SIZE": "2", "ACCELERATE_CONFIG": "accelerate_configs/zero3.yaml"}, "DeepSpeed")]:
+        result = subprocess.run(["bash", str(ROOT / "Qwen-Image-Edit-2511.sh")], capture_output=True, text=True,
+                                cwd=ROOT, timeout=120,
+                                env={**os.environ, "DATASET_JSON": str(tmp_path / "none.json"),
+                                     "OUTPUT_DIR": str(tmp_path / "run"), **env})
+        assert result.returncode == 2 and message in result.stderr, result.stderr
