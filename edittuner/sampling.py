@@ -114,30 +114,21 @@ def sample_flow(denoiser, conditioning: dict, negative_conditioning: dict | None
 # ---- LoRA next to the base weights -----------------------------------------------------------------------------
 
 def check_lora_fits(dit: torch.nn.Module, state: dict[str, torch.Tensor], path) -> dict[str, tuple]:
-    """{module name: (A, B)} for a LoRA file, or a clear error if it was made for another model."""
-    pairs: dict[str, dict] = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            module, kind = key.rsplit(".lora_", 1)
-            pairs.setdefault(module, {})[kind[0]] = value
-    if not pairs:
-        raise EditTunerError(f"--lora {path}: no lora_A/lora_B weights in this file; is it a LoRA?")
+    """{module name: (A, B)} for a LoRA as ``load_lora_file`` returns it (complete pairs; that reader already
+    refuses files with no or half pairs), or a clear error if it was made for another model."""
+    pairs = {key.rsplit(".lora_", 1)[0]: (state[key], state[key.replace(".lora_A.", ".lora_B.")])
+             for key in state if ".lora_A." in key}
     modules = dict(dit.named_modules())
     unknown = sorted(m for m in pairs if not isinstance(modules.get(m), torch.nn.Linear))
     if unknown:
         raise EditTunerError(f"--lora {path}: {len(unknown)} layers do not exist in this base model "
                              f"(e.g. {unknown[:2]}); it was trained on another model")
-    fitted = {}
-    for name, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise EditTunerError(f"--lora {path}: {name} lacks lora_{'B' if 'A' in pair else 'A'}; the file is incomplete")
+    for name, (a, b) in pairs.items():
         weight = modules[name].weight
-        a, b = pair["A"], pair["B"]
         if a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0] or a.shape[0] != b.shape[1]:
             raise EditTunerError(f"--lora {path}: {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, which does not "
                                  f"fit this base model's {tuple(weight.shape)}; it was trained on another model")
-        fitted[name] = (a, b)
-    return fitted
+    return pairs
 
 
 def fuse_lora(dit: torch.nn.Module, path: str | Path, strength: float = 1.0) -> None:
