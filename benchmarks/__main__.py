@@ -391,6 +391,97 @@ def render_batching(results: dict) -> str:
     return "\n".join(lines)
 
 
+LEVERS = {"attention sdpa": {"attention": "sdpa"}, "attention flash": {"attention": "flash"},
+          "attention math": {"attention": "math"}, "compile": {"compile": True}, "int8 base": {"base_quantization": "int8"},
+          "fp8 base": {"base_quantization": "fp8"}, "block offload": {"offload_blocks": True},
+          "attention efficient": {"attention": "efficient"}, "attention cudnn": {"attention": "cudnn"}}
+LEVER_WARMUP = 4  # steps left out of the median: compiling (and recompiling for a second shape) happens here
+
+
+def bench_levers(work: Path, dataset: Path, steps: int, rounds: int = 2) -> dict:
+    """Each speed/memory lever on and off: phase-2 step time (median over the steps after the first
+    LEVER_WARMUP, runs interleaved over rounds), the DiT's weight bytes, and for a quantized base the loss on the
+    same steps against the plain run. Gradient checkpointing on, as the trainer's default. A lever that cannot
+    run here is recorded with the message the trainer gives."""
+    from edittuner.performance import PerformanceConfig, prepare_base, quantized_bytes
+    cache = _ensure_cache(work, dataset)
+    resize = ResizeConfig(max_pixels=SIZE * SIZE)
+    model = ModelSource(transformer_dir=str(work / "transformer"))
+    cases = {"baseline": {}, **LEVERS}
+    result = {"rounds": rounds, "steps": steps, "warmup": LEVER_WARMUP, "cases": {}}
+    runnable = {}
+    for name, levers in cases.items():
+        try:
+            PerformanceConfig(**levers).check(torch.device("cpu"), torch.float32)
+            runnable[name] = levers
+        except Exception as exc:  # EditTunerError: the refusal is the figure
+            result["cases"][name] = {"refused": str(exc)}
+    times = {name: [] for name in runnable}
+    losses, compile_s = {}, []
+    for round_ in range(rounds):
+        for name, levers in runnable.items():
+            run = work / f"lever-{name.replace(' ', '-')}-{round_}"
+            if levers.get("compile"):
+                torch._dynamo.reset()
+            cfg = TrainConfig(cache_dir=cache, output_dir=run, model=model, resize=resize,
+                              max_steps=steps + LEVER_WARMUP, rank=32, gradient_accumulation=1, save_every=10_000,
+                              eval_samples=0, report_to="none", validation_steps=0,
+                              performance=PerformanceConfig(**levers))
+            train(cfg, progress=False)
+            metrics = read_metrics(run / "metrics.jsonl")
+            times[name] += [m["step_time_s"] for m in metrics[LEVER_WARMUP:]]
+            losses.setdefault(name, [m["loss"] for m in metrics])
+            if levers.get("compile"):
+                compile_s.append(sum(m["step_time_s"] for m in metrics[:LEVER_WARMUP]))
+    base_s = statistics.median(times["baseline"])
+    for name, step_times in times.items():
+        median = statistics.median(step_times)
+        entry = {"step_s": median, "speedup": base_s / median}
+        if name != "baseline":
+            rel = [abs(a - b) / abs(b) for a, b in zip(losses[name], losses["baseline"])]
+            entry["max_rel_loss_diff"] = max(rel)
+        result["cases"][name] = entry
+    if compile_s:
+        result["cases"]["compile"]["first_steps_s"] = statistics.median(compile_s)
+        result["cases"]["compile"]["compile_overhead_s"] = statistics.median(compile_s) - LEVER_WARMUP * \
+            result["cases"]["compile"]["step_s"]
+    for name, levers in (("baseline", {}), ("int8 base", {"base_quantization": "int8"})):
+        if name in runnable:
+            dit = model.load_dit()
+            prepare_base(dit, PerformanceConfig(**levers), torch.device("cpu"))
+            result["cases"][name]["block_weight_bytes"] = quantized_bytes(dit.transformer_blocks)
+            result["cases"][name]["dit_weight_bytes"] = quantized_bytes(dit)
+    return result
+
+
+def render_levers(results: dict) -> str:
+    lv, meta = results["levers"], results["levers_meta"]
+    cases, base = lv["cases"], lv["cases"]["baseline"]
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Date: {meta['date']}  ",
+             f"Model: the bench DiT (4 blocks x width 256, LoRA rank 32, 2511 targets), target {SIZE}x{SIZE} + one "
+             f"{SIZE}x{SIZE} reference, fp32, gradient checkpointing on, accumulation 1; median step time over "
+             f"{lv['steps']} steps after the first {lv['warmup']}, {lv['rounds']} interleaved rounds of runs.",
+             "", "| lever | value | baseline (same run) | ratio (baseline / value) | loss vs baseline, same steps |",
+             "|---|---|---|---|---|"]
+    for name in LEVERS:
+        case = cases.get(name)
+        if case is None:
+            continue
+        if "refused" in case:
+            lines.append(f"| {name} | refused here: {case['refused']} | | | |")
+            continue
+        value = f"{case['step_s'] * 1000:.0f} ms/step"
+        if "compile_overhead_s" in case:
+            value += f" (+{case['compile_overhead_s']:.0f} s compiling in the first {lv['warmup']} steps)"
+        loss = f"max rel. diff {case['max_rel_loss_diff']:.1e}"
+        lines.append(f"| {name} | {value} | {base['step_s'] * 1000:.0f} ms/step | {case['speedup']:.2f} | {loss} |")
+    if "block_weight_bytes" in cases.get("int8 base", {}):
+        q, b = cases["int8 base"], base
+        lines.append(f"| int8 base: block weights | {q['block_weight_bytes'] / 2**20:.2f} MiB | fp32: "
+                     f"{b['block_weight_bytes'] / 2**20:.2f} MiB | {b['block_weight_bytes'] / q['block_weight_bytes']:.2f} | |")
+    return "\n".join(lines)
+
+
 def bench_checkpoint(work: Path, dataset: Path, repeats: int) -> dict:
     """Writing and reading a checkpoint of the bench DiT's LoRA (rank 32) and its AdamW state, as the trainer does,
     against raw safetensors save/load of the same tensors and against one training step (fwd+bwd+AdamW)."""
@@ -610,7 +701,7 @@ def update_benchmarks_md(text: str, section: str = "split-phase") -> None:
 
 SPLIT_PHASE = ("dataset", "phase2", "lbm", "sampling", "previews")
 PROCESSES = ("phase1_processes", "phase2_processes", "checkpoint", "resume")
-CASES = SPLIT_PHASE + PROCESSES + ("batching", "app")
+CASES = SPLIT_PHASE + PROCESSES + ("batching", "levers", "app")
 
 
 def parse_only(text: str | None) -> tuple[str, ...]:
@@ -671,6 +762,9 @@ def main(argv=None) -> int:
         if "batching" in only:
             results["batching_meta"] = meta
             results["batching"] = bench_batching(work, steps, 1 if args.quick else 2)
+        if "levers" in only:
+            results["levers_meta"] = meta
+            results["levers"] = bench_levers(work, dataset, steps, 1 if args.quick else 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -690,6 +784,11 @@ def main(argv=None) -> int:
         print(text)
         if not args.quick:
             update_benchmarks_md(text, "batching")
+    if "levers" in only:
+        text = render_levers(results)
+        print(text)
+        if not args.quick:
+            update_benchmarks_md(text, "levers")
     if "app" not in only:
         return 0
     # The app's click-to-result latency: its own module (a server on a free loopback port), same run.

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import EditTunerError
+from .performance import ATTENTION, BASE_QUANTIZATION
 
 
 def _positive_int(text: str) -> int:
@@ -93,6 +94,7 @@ def cmd_precompute(args) -> None:
 def cmd_train(args) -> None:
     from .models import model_source_from_args
     from .objectives import BridgeConfig, FlowMatchConfig
+    from .performance import PerformanceConfig
     from .trainer import TrainConfig, train
     weights = {"masked_weight": args.masked_loss_weight, "unmasked_weight": args.unmasked_loss_weight}
     cfg = TrainConfig(
@@ -116,7 +118,9 @@ def cmd_train(args) -> None:
                             discrete_probabilities=args.discrete_probabilities,
                             logit_normal_mean=args.logit_normal_mean, logit_normal_std=args.logit_normal_std,
                             main_stream_references=args.main_stream_references,
-                            normalize_velocity=args.normalize_velocity, **weights))
+                            normalize_velocity=args.normalize_velocity, **weights),
+        performance=PerformanceConfig(attention=args.attention, compile=args.compile,
+                                      base_quantization=args.base_quantization, offload_blocks=args.offload_blocks))
     result = train(cfg)
     if result["lora"] and int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
         evals = ""
@@ -251,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     lbm.add_argument("--normalize_velocity", type=_on_off, default=False, help="variance-normalised velocity loss (default off)")
     p.add_argument("--masked_loss_weight", type=float, default=1.0, help="loss weight inside the mask (default 1)")
     p.add_argument("--unmasked_loss_weight", type=float, default=1.0, help="loss weight outside the mask (default 1)")
+    speed = p.add_argument_group("speed and memory (BENCHMARKS.md: when to use each)")
+    speed.add_argument("--attention", default="auto", choices=list(ATTENTION),
+                       help="attention kernel: auto (default: the engine's, FlashAttention-3 if installed, else "
+                            "PyTorch SDPA's own pick), sdpa, or one SDPA kernel: flash, efficient, cudnn, math")
+    speed.add_argument("--compile", type=_on_off, default=False,
+                       help="torch.compile the transformer blocks (default off; the first steps pay the compile time)")
+    speed.add_argument("--base_quantization", default="none", choices=list(BASE_QUANTIZATION),
+                       help="frozen base weights of the blocks in int8 or fp8 (GPU, sm89+) via torchao; the LoRA "
+                            "trains in the compute dtype on top (default none)")
+    speed.add_argument("--offload_blocks", type=_on_off, default=False,
+                       help="keep the frozen block weights in host memory and copy each block to the GPU as it runs "
+                            "(small cards; needs gradient checkpointing; default off)")
     add_model_args(p)
     add_resize_args(p)
     p.set_defaults(func=cmd_train)

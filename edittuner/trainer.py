@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -31,6 +32,7 @@ from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_st
 from .models import ModelSource
 from .objectives import (BridgeConfig, DiTDenoiser, FlowMatchConfig, batched_flow_matching_losses,
                          bridge_matching_loss, dit_conditioning, flow_matching_loss, sample_bridge, training_scheduler)
+from .performance import PerformanceConfig, attention_backend, load_device, place_dit, prepare_base
 from .sampling import SamplerConfig, decode_latents, sample_edit_latents, validation_grid
 from .tracking import REPORT_TO, Tracker
 
@@ -73,6 +75,7 @@ class TrainConfig:
     validation_samples: int = 4
     validation_inference_steps: int | None = None   # flow: 20, lbm (bridge sampler): 1
     validation_guidance: float = 4.0
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
     def __post_init__(self):
         if self.model_version not in PRESETS:
@@ -321,6 +324,12 @@ def make_runtime(cfg: TrainConfig, mixed: str):
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    # Around the whole run: under gradient checkpointing the backward pass runs the blocks again.
+    with attention_backend(cfg.performance.attention):
+        return _train(cfg, progress)
+
+
+def _train(cfg: TrainConfig, progress: bool) -> dict:
     cuda = torch.cuda.is_available()
     mixed = ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
     accelerator = make_runtime(cfg, mixed)
@@ -332,10 +341,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if cfg.objective == "lbm":
         check_bridge_shapes(reader)
     weight_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
-    dit = cfg.model.load_dit(dtype=weight_dtype, device=accelerator.device)
+    levers = cfg.performance
+    levers.check(accelerator.device, weight_dtype, zero_stage=accelerator.zero_stage, batch_size=cfg.batch_size,
+                 gradient_checkpointing=cfg.gradient_checkpointing)
+    dit = cfg.model.load_dit(dtype=weight_dtype, device=load_device(levers, accelerator.device))
+    prepare_base(dit, levers, accelerator.device)
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices come from the global RNG
-    inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
-    dit.to(accelerator.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear")  # about merge(), which we never call
+        inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
+    place_dit(dit, levers, accelerator.device)
     params = [p for _, p in lora_parameters(dit)]
     if cfg.optimizer == "prodigy_sf":
         from prodigyplus.prodigy_plus_schedulefree import ProdigyPlusScheduleFree
@@ -346,6 +361,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     warmup = cfg.warmup_steps
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     denoiser = DiTDenoiser(dit)
+    # The frozen base is the same on every rank (the same file, or the tiny model from its seed): DDP need not
+    # broadcast it at start (40 GB at real size), and cannot broadcast a quantized tensor.
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        denoiser, [n for n, p in denoiser.named_parameters() if not p.requires_grad]
+        + [n for n, _ in denoiser.named_buffers()])
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     scheduler = training_scheduler()
 
@@ -424,6 +444,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "config.json", {**cfg.to_json(), "resolved": {
             "mixed_precision": mixed, "processes": accelerator.num_processes, "device": str(accelerator.device),
+            "performance": levers.describe(),
             "cache_samples": len(reader), "lora_modules": len(params) // 2}})
     tracker = None
     if accelerator.is_main_process:

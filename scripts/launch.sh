@@ -47,11 +47,18 @@ NUM_PROCESSES="${NUM_PROCESSES:-1}"
 SEED="${SEED:-0}"
 export WANDB_PROJECT="${WANDB_PROJECT:-qwen-image}"
 export WANDB_NAME="${WANDB_NAME:-$(basename "$OUTPUT_DIR")}"
+# Speed and memory levers (BENCHMARKS.md says when to use each).
+ATTENTION="${ATTENTION:-auto}"; COMPILE="${COMPILE:-off}"
+BASE_QUANTIZATION="${BASE_QUANTIZATION:-none}"; OFFLOAD_BLOCKS="${OFFLOAD_BLOCKS:-off}"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAS_GPU=1; else HAS_GPU=0; fi
 if [ -z "${ACCELERATE_CONFIG:-}" ]; then
   # Several GPUs: DeepSpeed ZeRO-3 (zero3_offload for small cards); several CPU processes: DDP over gloo.
+  # prodigy_sf stays on DDP (ZeRO shards would split its d), and so do a quantized base, block offload and
+  # compiled blocks, which ZeRO does not combine with.
   if [ "$NUM_PROCESSES" = 1 ]; then ACCELERATE_CONFIG=accelerate_configs/single.yaml
-  elif [ "$OPTIMIZER" != prodigy_sf ] && command -v nvidia-smi >/dev/null 2>&1; then
-    ACCELERATE_CONFIG=accelerate_configs/zero3.yaml  # prodigy_sf stays on DDP: ZeRO shards would split its d
+  elif [ "$OPTIMIZER" != prodigy_sf ] && [ "$HAS_GPU" = 1 ] && [ "$BASE_QUANTIZATION" = none ] \
+       && [ "$OFFLOAD_BLOCKS" = off ] && [ "$COMPILE" = off ]; then
+    ACCELERATE_CONFIG=accelerate_configs/zero3.yaml
   else ACCELERATE_CONFIG=accelerate_configs/ddp.yaml; fi
 fi
 
@@ -64,6 +71,14 @@ BATCH_SIZE="${BATCH_SIZE:-1}"; is_int BATCH_SIZE "$BATCH_SIZE"
 case "$ACCELERATE_CONFIG" in *zero*) [ "$BATCH_SIZE" = 1 ] || fail "BATCH_SIZE=$BATCH_SIZE: not under DeepSpeed ZeRO ($ACCELERATE_CONFIG); set ACCELERATE_CONFIG=accelerate_configs/ddp.yaml or BATCH_SIZE=1";; esac
 case "$OBJECTIVE" in flow|lbm) ;; *) fail "OBJECTIVE=$OBJECTIVE must be flow or lbm";; esac
 case "$OPTIMIZER" in adamw|prodigy_sf) ;; *) fail "OPTIMIZER=$OPTIMIZER must be adamw or prodigy_sf";; esac
+case "$ATTENTION" in auto|sdpa|flash|efficient|cudnn|math) ;; *) fail "ATTENTION=$ATTENTION must be auto, sdpa, flash, efficient, cudnn or math";; esac
+case "$BASE_QUANTIZATION" in none|int8|fp8) ;; *) fail "BASE_QUANTIZATION=$BASE_QUANTIZATION must be none, int8 or fp8";; esac
+for v in COMPILE OFFLOAD_BLOCKS; do case "${!v}" in on|off) ;; *) fail "$v=${!v} must be on or off";; esac; done
+if [ "$HAS_GPU" = 0 ]; then  # the same refusals as `edittuner train`, before phase 1 spends any time
+  [ "$BASE_QUANTIZATION" != fp8 ] || fail "BASE_QUANTIZATION=fp8 needs a CUDA GPU (Ada/Hopper) and none was found; use int8 or none"
+  [ "$OFFLOAD_BLOCKS" = off ] || fail "OFFLOAD_BLOCKS=on moves block weights from host memory to a GPU and none was found; use OFFLOAD_BLOCKS=off"
+  case "$ATTENTION" in efficient|cudnn) fail "ATTENTION=$ATTENTION is a CUDA kernel and no GPU was found; use auto, flash or math";; esac
+fi
 LBM_ARGS=()
 if [ "$OBJECTIVE" = lbm ]; then
   BRIDGE_SIGMA="${BRIDGE_SIGMA:-0.01}"; SUB_STREAM_PROB="${SUB_STREAM_PROB:-0.1}"
@@ -107,4 +122,5 @@ TRAIN_ARGS=(--cache_dir "$CACHE_DIR" --output_dir "$OUTPUT_DIR" --model_version 
   --objective "$OBJECTIVE" --optimizer "$OPTIMIZER" "${LBM_ARGS[@]}" "${PREVIEW_ARGS[@]}")
 [ -z "$GRAD_ACCUM" ] || TRAIN_ARGS+=(--gradient_accumulation "$GRAD_ACCUM")
 [ "$BATCH_SIZE" = 1 ] || TRAIN_ARGS+=(--batch_size "$BATCH_SIZE")
+TRAIN_ARGS+=(--attention "$ATTENTION" --compile "$COMPILE" --base_quantization "$BASE_QUANTIZATION" --offload_blocks "$OFFLOAD_BLOCKS")
 "${LAUNCH[@]}" train "${TRAIN_ARGS[@]}" "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}" "$@"

@@ -55,6 +55,11 @@ def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
     ({"DATASET_JSON": "/no/such.json"}, "DATASET_JSON=/no/such.json: no such file"),
     ({"OBJECTIVE": "gan"}, "OBJECTIVE=gan must be flow or lbm"),
     ({"OBJECTIVE": "lbm", "MAIN_STREAM_REFS": "maybe"}, "MAIN_STREAM_REFS=maybe must be on or off"),
+    ({"ATTENTION": "fastest"}, "ATTENTION=fastest must be auto, sdpa, flash, efficient, cudnn or math"),
+    ({"COMPILE": "yes please"}, "COMPILE=yes please must be on or off"),
+    ({"BASE_QUANTIZATION": "int4"}, "BASE_QUANTIZATION=int4 must be none, int8 or fp8"),
+    ({"BASE_QUANTIZATION": "fp8"}, "BASE_QUANTIZATION=fp8 needs a CUDA GPU"),
+    ({"OFFLOAD_BLOCKS": "on"}, "OFFLOAD_BLOCKS=on moves block weights from host memory to a GPU"),
 ])
 def test_bad_launcher_variable_fails_before_any_work(tmp_path, env, message):
     result = _launch("Qwen-Image-Edit-2511.sh", tmp_path, **env)
