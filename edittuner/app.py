@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .errors import EditTunerError  # noqa: E402
+from .performance import BASE_QUANTIZATION  # noqa: E402
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, Editor, SamplerConfig  # noqa: E402
 
 NO_LORA = "none"
@@ -324,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="sets zero_cond_t (2511 on)")
     parser.add_argument("--max_upload_megapixels", type=float, default=MAX_UPLOAD_PIXELS / 1e6,
                         help=f"refuse larger uploads (default {MAX_UPLOAD_PIXELS / 1e6:g})")
+    parser.add_argument("--base_quantization", default="none", choices=list(BASE_QUANTIZATION),
+                        help="the DiT's blocks in int8 or fp8 (GPU, sm89+): the 20B base in about half the memory")
     add_model_args(parser)
     add_resize_args(parser)
     return parser
@@ -341,7 +344,8 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 def load_editor(args) -> Editor:
     from .cli import resize_from_args
     from .models import model_source_from_args
-    return Editor(model_source_from_args(args), args.model_version, resize_from_args(args))
+    return Editor(model_source_from_args(args), args.model_version, resize_from_args(args),
+                  base_quantization=args.base_quantization)
 
 
 def main(argv=None) -> int:

@@ -146,7 +146,8 @@ def cmd_sample(args) -> None:
                        use_dataset_masks=args.use_dataset_masks, model=model_source_from_args(args),
                        data_root=Path(args.data_root) if args.data_root else None,
                        model_version=args.model_version, lora=Path(args.lora) if args.lora else None,
-                       lora_strength=args.lora_strength, sampler=sampler, resize=resize_from_args(args))
+                       lora_strength=args.lora_strength, sampler=sampler, resize=resize_from_args(args),
+                       base_quantization=args.base_quantization)
     for output, result in sample_images(cfg):
         roundoff = ""
         if result.vae_roundoff_outside_mask is not None:
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bridge: start from the first reference (main) or from a white image (sub)")
     p.add_argument("--bridge_sigma", type=float, default=0.0, help="bridge: stochastic term of the steps (default 0)")
     p.add_argument("--main_stream_references", type=_on_off, default=True)
+    p.add_argument("--base_quantization", default="none", choices=list(BASE_QUANTIZATION),
+                   help="the DiT's blocks in int8 or fp8 (GPU, sm89+), about half the memory of bf16 (default none)")
     p.add_argument("--keep_unmasked_pixels", type=_on_off, default=True,
                    help="with --mask: paste the source's pixels back outside the mask (default on)")
     add_model_args(p)

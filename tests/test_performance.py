@@ -224,3 +224,27 @@ def test_launcher_passes_the_levers(demo_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     performance = json.loads((tmp_path / "run/config.json").read_text())["performance"]
     assert performance == {"attention": "math", "compile": False, "base_quantization": "int8", "offload_blocks": False}
+
+
+def test_int8_base_for_sampling_keeps_the_edit_and_takes_a_lora(trained_run, resize, demo_dir):
+    from edittuner.images import load_rgb
+    from edittuner.sampling import Editor, SamplerConfig
+    source = load_rgb(demo_dir / "raw/source/03_rocket.png")
+    sampler = SamplerConfig(sampler="flow", steps=3, guidance=1.0, seed=3)
+    full, int8 = Editor(resize=resize), Editor(resize=resize, base_quantization="int8")
+    assert quantized_bytes(int8.dit.transformer_blocks) < 0.45 * quantized_bytes(full.dit.transformer_blocks)
+    lora = trained_run[0] / "lora.safetensors"
+    for editor in (full, int8):
+        editor.set_lora(lora, 1.0)
+    a = full.edit([source], "make it blue", sampler).latents
+    b = int8.edit([source], "make it blue", sampler).latents
+    assert (a - b).norm() < 0.02 * a.norm()
+    int8.set_lora(None)
+    assert (int8.edit([source], "make it blue", sampler).latents - b).norm() > 0.01 * b.norm()  # the LoRA acted
+
+
+def test_fp8_sampling_is_refused_on_the_cpu_with_one_message(tmp_path, demo_dir):
+    result = run_cli("sample", "--image", demo_dir / "raw/source/03_rocket.png", "--prompt", "x", "--output", tmp_path / "o.png",
+                     "--base_quantization", "fp8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--base_quantization fp8: fp8 weights need a CUDA GPU" in result.stderr
