@@ -36,6 +36,7 @@ from .images import ResizeConfig, load_mask, load_rgb
 from .lora import PRESETS, load_lora_file
 from .models import ModelSource
 from .objectives import DiTDenoiser, dit_conditioning, sample_bridge
+from .performance import PerformanceConfig, load_device, prepare_base
 
 SAMPLERS = ("flow", "bridge")
 DEFAULT_STEPS = {"flow": 30, "bridge": 1}
@@ -196,7 +197,6 @@ class Editor:
     def __init__(self, model: ModelSource = ModelSource(), model_version: str = "2511",
                  resize: ResizeConfig = ResizeConfig(), device: str | None = None, dtype: torch.dtype | None = None,
                  base_quantization: str = "none"):
-        from .performance import PerformanceConfig, load_device, prepare_base
         if model_version not in PRESETS:
             raise EditTunerError(f"--model_version {model_version}: choose one of {sorted(PRESETS)}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
