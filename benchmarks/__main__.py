@@ -360,20 +360,24 @@ def bench_batching(work: Path, steps: int, rounds: int = 2) -> dict:
                                       resize=resize, overwrite=True), progress=False)
     shapes = {json.dumps(r["shapes"]["target"]) for r in json.loads((cache / "manifest.json").read_text())["samples"]}
     result = {"samples": len(rows), "target_shapes": sorted(shapes), "rounds": rounds}
-    step_times = {1: [], 2: [], 4: []}
+    step_times = {(objective, batch): [] for objective in ("flow", "lbm") for batch in (1, 2, 4)}
     for round_ in range(rounds):  # interleaved, so that load on a shared machine hits every batch size alike
-        for batch in (1, 2, 4):
-            run = work / f"batch-{batch}-{round_}"
+        for objective, batch in step_times:
+            run = work / f"batch-{objective}-{batch}-{round_}"
             cfg = TrainConfig(cache_dir=cache, output_dir=run, model=model, resize=resize, max_steps=steps + 2,
                               rank=32, gradient_accumulation=1, batch_size=batch, gradient_checkpointing=False,
-                              save_every=10_000, eval_samples=0, report_to="none", validation_steps=0)
+                              save_every=10_000, eval_samples=0, report_to="none", validation_steps=0,
+                              objective=objective)
             train(cfg, progress=False)
-            step_times[batch] += [m["step_time_s"] for m in read_metrics(run / "metrics.jsonl")[2:]]
-    for batch, times in step_times.items():
-        result[f"step_s_{batch}"] = statistics.median(times)
-        result[f"samples_per_s_{batch}"] = batch / result[f"step_s_{batch}"]
-    for batch in (2, 4):
-        result[f"speedup_{batch}_over_1"] = result[f"samples_per_s_{batch}"] / result["samples_per_s_1"]
+            step_times[objective, batch] += [m["step_time_s"] for m in read_metrics(run / "metrics.jsonl")[2:]]
+    for (objective, batch), times in step_times.items():
+        prefix = "" if objective == "flow" else "lbm_"
+        result[f"{prefix}step_s_{batch}"] = statistics.median(times)
+        result[f"{prefix}samples_per_s_{batch}"] = batch / result[f"{prefix}step_s_{batch}"]
+    for prefix in ("", "lbm_"):
+        for batch in (2, 4):
+            result[f"{prefix}speedup_{batch}_over_1"] = (result[f"{prefix}samples_per_s_{batch}"]
+                                                         / result[f"{prefix}samples_per_s_1"])
     return result
 
 
@@ -384,10 +388,14 @@ def render_batching(results: dict) -> str:
              f"{SIZE}x{SIZE} reference, fp32, accumulation 1, {b['samples']} same-shape cached samples; median step "
              f"time over {b['rounds']} interleaved rounds of runs.",
              "", "| figure | value | baseline (same run) | ratio |", "|---|---|---|---|"]
-    for batch in (2, 4):
-        lines.append(f"| phase 2, `--batch_size {batch}` | {b[f'samples_per_s_{batch}']:.2f} samples/s "
-                     f"({b[f'step_s_{batch}'] * 1000:.0f} ms/step) | `--batch_size 1`: {b['samples_per_s_1']:.2f} samples/s "
-                     f"({b['step_s_1'] * 1000:.0f} ms/step) | {b[f'speedup_{batch}_over_1']:.2f} |")
+    for prefix, label in (("", ""), ("lbm_", "`--objective lbm`, ")):
+        if f"{prefix}samples_per_s_1" not in b:
+            continue
+        for batch in (2, 4):
+            lines.append(f"| phase 2, {label}`--batch_size {batch}` | {b[f'{prefix}samples_per_s_{batch}']:.2f} samples/s "
+                         f"({b[f'{prefix}step_s_{batch}'] * 1000:.0f} ms/step) | `--batch_size 1`: "
+                         f"{b[f'{prefix}samples_per_s_1']:.2f} samples/s ({b[f'{prefix}step_s_1'] * 1000:.0f} ms/step) | "
+                         f"{b[f'{prefix}speedup_{batch}_over_1']:.2f} |")
     return "\n".join(lines)
 
 

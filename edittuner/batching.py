@@ -62,6 +62,16 @@ def collate_conditioning(samples: list[dict], device, dtype, zero_cond_t: bool,
             "width": width, "zero_cond_t": zero_cond_t, "use_gradient_checkpointing": gradient_checkpointing}
 
 
+def select_rows(conditioning: dict, rows: list[int]) -> dict:
+    """The collated conditioning of some of its samples, with the prompt padding trimmed to their longest prompt
+    (one sample: no padding at all, so the engine's batch-1 model function sees exactly its own prompt)."""
+    mask = conditioning["prompt_emb_mask"][rows]
+    longest = int(mask.sum(dim=1).max())
+    edits = conditioning.get("edit_latents")
+    return {**conditioning, "prompt_emb": conditioning["prompt_emb"][rows, :longest], "prompt_emb_mask": mask[:, :longest],
+            "edit_latents": None if edits is None else [e[rows] for e in edits]}
+
+
 def batched_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, prompt_emb: torch.Tensor,
                      prompt_emb_mask: torch.Tensor, height: int, width: int, edit_latents=None,
                      zero_cond_t: bool = False, use_gradient_checkpointing: bool = False,

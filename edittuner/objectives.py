@@ -15,6 +15,7 @@ import torch
 from diffsynth.diffusion.flow_match import FlowMatchScheduler
 from diffsynth.pipelines.qwen_image import model_fn_qwen_image
 
+from .batching import batched_model_fn, select_rows
 from .errors import EditTunerError
 
 
@@ -69,7 +70,6 @@ class DiTDenoiser(torch.nn.Module):
 
     def forward(self, latents, timestep, **conditioning):
         if latents.shape[0] > 1:  # the engine's model function is batch-1 only: our batched twin of it
-            from .batching import batched_model_fn
             return batched_model_fn(self.dit, latents=latents, timestep=timestep, **conditioning)
         return model_fn_qwen_image(dit=self.dit, latents=latents, timestep=timestep, **conditioning)
 
@@ -240,10 +240,19 @@ def velocity_scale(z0, z1, t: float, sigma: float) -> torch.Tensor:
     return torch.sqrt(1 + sigma ** 2 * t / ((1 - t) * clean))
 
 
-def bridge_matching_loss(denoiser: Callable, z1: torch.Tensor, z_main: torch.Tensor, z_sub: torch.Tensor | None,
-                         conditioning: dict, cfg: BridgeConfig = BridgeConfig(),
-                         mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One sample's LBM loss. ``conditioning`` carries the references; the main stream drops them if asked."""
+@dataclass(frozen=True)
+class BridgeDraw:
+    """One sample's random draws for the bridge loss: start, bridge time, point on the bridge and target."""
+    z0: torch.Tensor
+    t: float
+    z_t: torch.Tensor
+    target: torch.Tensor
+    with_references: bool  # whether the DiT sees the reference tokens for this draw
+
+
+def bridge_draw(z1: torch.Tensor, z_main: torch.Tensor, z_sub: torch.Tensor | None,
+                cfg: BridgeConfig = BridgeConfig()) -> BridgeDraw:
+    """Stream, bridge time and noise from the global RNG, in a fixed order (so a seed gives one draw)."""
     use_sub = z_sub is not None and float(torch.rand(())) < cfg.sub_stream_probability
     z0 = z_sub if use_sub else z_main
     if z0.shape != z1.shape:
@@ -251,17 +260,60 @@ def bridge_matching_loss(denoiser: Callable, z1: torch.Tensor, z_main: torch.Ten
                              "re-run phase 1 with references the size of the targets (--ref_max_pixels = --max_pixels "
                              "and same-size images)")
     t = sample_bridge_time(cfg)
-    t_tensor = torch.tensor(t, dtype=torch.float32)
+    t_tensor = torch.tensor(t, dtype=torch.float32).to(z1)
     eps = torch.randn_like(z1)
-    z_t = bridge_interpolant(z0, z1, t_tensor.to(z1), cfg.sigma, eps)
-    target = bridge_target(z_t, z1, t_tensor.to(z1))
-    if not use_sub and not cfg.main_stream_references:
-        conditioning = {**conditioning, "edit_latents": None}
-    prediction = denoiser(latents=z_t, timestep=bridge_timestep_input(t_tensor, z1.dtype, z1.device), **conditioning)
+    z_t = bridge_interpolant(z0, z1, t_tensor, cfg.sigma, eps)
+    return BridgeDraw(z0, t, z_t, bridge_target(z_t, z1, t_tensor), use_sub or cfg.main_stream_references)
+
+
+def _bridge_mse(prediction: torch.Tensor, draw: BridgeDraw, z1: torch.Tensor, cfg: BridgeConfig,
+                mask: torch.Tensor | None) -> torch.Tensor:
+    target = draw.target
     if cfg.normalize_velocity:
-        scale = velocity_scale(z0.float(), z1.float(), t, cfg.sigma)
+        scale = velocity_scale(draw.z0.float(), z1.float(), draw.t, cfg.sigma)
         prediction, target = prediction / scale, target / scale
     return weighted_mse(prediction, target, mask, cfg.weighting)
+
+
+def bridge_matching_loss(denoiser: Callable, z1: torch.Tensor, z_main: torch.Tensor, z_sub: torch.Tensor | None,
+                         conditioning: dict, cfg: BridgeConfig = BridgeConfig(),
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One sample's LBM loss. ``conditioning`` carries the references; the main stream drops them if asked."""
+    draw = bridge_draw(z1, z_main, z_sub, cfg)
+    if not draw.with_references:
+        conditioning = {**conditioning, "edit_latents": None}
+    timestep = bridge_timestep_input(torch.tensor(draw.t), z1.dtype, z1.device)
+    return _bridge_mse(denoiser(latents=draw.z_t, timestep=timestep, **conditioning), draw, z1, cfg, mask)
+
+
+def batched_bridge_matching_losses(denoiser: Callable, z1s: list[torch.Tensor], z_mains: list[torch.Tensor],
+                                   z_subs: list[torch.Tensor | None], seeds: list[int], conditioning: dict,
+                                   cfg: BridgeConfig = BridgeConfig(),
+                                   masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Per-sample LBM losses (B,) of same-shape samples; ``conditioning`` is their collated conditioning.
+
+    Sample i draws after ``torch.manual_seed(seeds[i])`` exactly as bridge_matching_loss does, so each loss is
+    that sample's batch-1 loss. Samples whose draw keeps the reference tokens share one forward, those that drop
+    them (main stream with --main_stream_references off) another: the two sequences differ in length."""
+    draws = []
+    for z1, z_main, z_sub, seed in zip(z1s, z_mains, z_subs, seeds):
+        torch.manual_seed(seed)
+        draws.append(bridge_draw(z1, z_main, z_sub, cfg))
+    masks = masks or [None] * len(draws)
+    losses: list[torch.Tensor | None] = [None] * len(draws)
+    for with_references in (True, False):
+        rows = [i for i, d in enumerate(draws) if d.with_references == with_references]
+        if not rows:
+            continue
+        part = conditioning if len(rows) == len(draws) else select_rows(conditioning, rows)
+        if not with_references:
+            part = {**part, "edit_latents": None}
+        z1 = z1s[rows[0]]
+        timesteps = torch.cat([bridge_timestep_input(torch.tensor(draws[i].t), z1.dtype, z1.device) for i in rows])
+        prediction = denoiser(latents=torch.cat([draws[i].z_t for i in rows]), timestep=timesteps, **part)
+        for j, i in enumerate(rows):
+            losses[i] = _bridge_mse(prediction[j:j + 1], draws[i], z1s[i], cfg, masks[i])
+    return torch.stack(losses)
 
 
 def LatentBridgeMatchingLoss(pipe, bridge_config: BridgeConfig = BridgeConfig(), **inputs):

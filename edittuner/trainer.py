@@ -30,8 +30,9 @@ from .errors import EditTunerError
 from .images import ResizeConfig
 from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
 from .models import ModelSource
-from .objectives import (BridgeConfig, DiTDenoiser, FlowMatchConfig, batched_flow_matching_losses,
-                         bridge_matching_loss, dit_conditioning, flow_matching_loss, sample_bridge, training_scheduler)
+from .objectives import (BridgeConfig, DiTDenoiser, FlowMatchConfig, batched_bridge_matching_losses,
+                         batched_flow_matching_losses, bridge_matching_loss, dit_conditioning, flow_matching_loss,
+                         sample_bridge, training_scheduler)
 from .performance import PerformanceConfig, attention_backend, load_device, place_dit, prepare_base
 from .sampling import SamplerConfig, decode_latents, sample_edit_latents, validation_grid
 from .tracking import REPORT_TO, Tracker
@@ -107,10 +108,6 @@ class TrainConfig:
                   (self.alpha > 0, f"--alpha {self.alpha}: must be positive"),
                   (self.gradient_accumulation >= 1, f"--gradient_accumulation {self.gradient_accumulation}: must be >= 1"),
                   (self.batch_size >= 1, f"--batch_size {self.batch_size}: must be >= 1"),
-                  (self.batch_size == 1 or self.objective == "flow",
-                   f"--batch_size {self.batch_size} with --objective lbm: batched training covers flow matching only "
-                   "(LBM's per-sample stream choice changes which reference tokens a sample sees); use --batch_size 1 "
-                   "and --gradient_accumulation for a larger effective batch"),
                   (self.save_every >= 1, f"--save_every {self.save_every}: must be >= 1"),
                   (self.max_grad_norm >= 0, f"--max_grad_norm {self.max_grad_norm}: must be >= 0 (0 disables clipping)"),
                   (self.mixed_precision in ("auto", "no", "bf16"),
@@ -464,15 +461,19 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
             return flow_matching_loss(denoiser, scheduler, x1, conditioning, cfg.flow, mask)
 
     def group_losses(samples: list[dict], positions: list[int]) -> torch.Tensor:
-        """Per-sample flow losses of same-shape samples in one forward; sample k draws with position k's seed."""
+        """Per-sample losses of same-shape samples in batched forwards; sample k draws with position k's seed."""
         x0s = [s["target"][None].to(accelerator.device, weight_dtype) for s in samples]
         conditioning = collate_conditioning(samples, accelerator.device, weight_dtype, cfg.zero_cond_t,
                                             cfg.gradient_checkpointing)
         masks = [s["mask"][None].to(accelerator.device) if "mask" in s else None for s in samples]
+        seeds = [seed_for_position(cfg.seed, p) for p in positions]
         with accelerator.autocast():
-            return batched_flow_matching_losses(denoiser, scheduler, x0s,
-                                                [seed_for_position(cfg.seed, p) for p in positions],
-                                                conditioning, cfg.flow, masks)
+            if cfg.objective == "lbm":
+                starts = [s["ref.0"][None].to(accelerator.device, weight_dtype) for s in samples]
+                whites = [s["white"][None].to(accelerator.device, weight_dtype) for s in samples]
+                return batched_bridge_matching_losses(denoiser, x0s, starts, whites, seeds, conditioning,
+                                                      cfg.bridge, masks)
+            return batched_flow_matching_losses(denoiser, scheduler, x0s, seeds, conditioning, cfg.flow, masks)
 
     eval_set = [reader.load(i) for i in range(min(cfg.eval_samples, len(reader)))]
 

@@ -67,7 +67,6 @@ is_int STEPS "$STEPS"; is_num LR "$LR"; is_int RANK "$RANK"; is_int NUM_PROCESSE
 is_int SEED "$SEED" 0; is_int MAX_PIXELS "$MAX_PIXELS"; is_int SAVE_EVERY "$SAVE_EVERY"
 [ -z "$GRAD_ACCUM" ] || is_int GRAD_ACCUM "$GRAD_ACCUM"
 BATCH_SIZE="${BATCH_SIZE:-1}"; is_int BATCH_SIZE "$BATCH_SIZE"
-[ "$BATCH_SIZE" = 1 ] || [ "$OBJECTIVE" = flow ] || fail "BATCH_SIZE=$BATCH_SIZE: batch > 1 trains the flow objective only (OBJECTIVE=$OBJECTIVE); use BATCH_SIZE=1 and GRAD_ACCUM"
 case "$ACCELERATE_CONFIG" in *zero*) [ "$BATCH_SIZE" = 1 ] || fail "BATCH_SIZE=$BATCH_SIZE: not under DeepSpeed ZeRO ($ACCELERATE_CONFIG); set ACCELERATE_CONFIG=accelerate_configs/ddp.yaml or BATCH_SIZE=1";; esac
 case "$OBJECTIVE" in flow|lbm) ;; *) fail "OBJECTIVE=$OBJECTIVE must be flow or lbm";; esac
 case "$OPTIMIZER" in adamw|prodigy_sf) ;; *) fail "OPTIMIZER=$OPTIMIZER must be adamw or prodigy_sf";; esac
