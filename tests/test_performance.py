@@ -199,6 +199,12 @@ def test_offload_refusals_on_a_gpu_are_checked_before_any_model_loads(monkeypatc
         with pytest.raises(EditTunerError, match=message):
             PerformanceConfig(**levers).check(cuda, torch.float32, **where)
     PerformanceConfig(attention="flash", offload_blocks=True).check(cuda, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(EditTunerError, match="A100-SXM4-80GB has no fp8 support"):
+        PerformanceConfig(base_quantization="fp8").check(cuda, torch.bfloat16)
+    with pytest.raises(EditTunerError, match="needs a Hopper GPU"):
+        PerformanceConfig(attention="cudnn").check(cuda, torch.bfloat16)
 
 
 def test_bad_lever_names_and_cpu_refusals_from_the_cli(demo_cache, tmp_path):
