@@ -10,10 +10,9 @@ import torch
 from diffsynth.pipelines.qwen_image import model_fn_qwen_image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, tiny_dit_with_lora
 from edittuner.batching import batched_model_fn, collate_conditioning, shape_groups
 from edittuner.errors import EditTunerError
-from edittuner.lora import PRESETS, inject_lora
 from edittuner.objectives import (DiTDenoiser, FlowMatchConfig, batched_flow_matching_losses, dit_conditioning,
                                   flow_matching_loss, training_scheduler)
 from edittuner.tiny import TINY_TEXT_DIM, build_tiny_dit
@@ -44,12 +43,7 @@ def test_batched_forward_equals_engine_calls_per_sample(zero_cond_t):
 
 
 def test_batched_losses_and_gradients_equal_mean_of_batch_1(demo_cache):
-    dit = build_tiny_dit(0)
-    inject_lora(dit, PRESETS["2511"].lora_targets, rank=4, alpha=4)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(std=0.1)
+    dit = tiny_dit_with_lora()
     from edittuner.cache import CacheReader
     reader = CacheReader(demo_cache)
     samples = [reader.load(i) for i, r in enumerate(reader.records) if r["id"] in SAME_SHAPE_IDS[:3]]
@@ -149,12 +143,7 @@ def test_batched_bridge_losses_and_gradients_equal_batch_1(same_shape_cache, mai
     a single sample, whose padded prompt is trimmed). Losses and gradients equal the batch-1 ones."""
     from edittuner.cache import CacheReader
     from edittuner.objectives import BridgeConfig, batched_bridge_matching_losses, bridge_matching_loss
-    dit = build_tiny_dit(0)
-    inject_lora(dit, PRESETS["2511"].lora_targets, rank=4, alpha=4)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(std=0.1)
+    dit = tiny_dit_with_lora()
     reader = CacheReader(same_shape_cache)
     samples = [reader.load(i) for i in range(3)]
     cfg = BridgeConfig(sigma=0.05, sub_stream_probability=0.5, main_stream_references=main_stream_references,

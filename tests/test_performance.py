@@ -2,15 +2,13 @@
 run, each is switchable from the CLI and the launchers, and each refuses clearly where it cannot run."""
 
 import json
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_PIXELS, run_cli
+from conftest import ROOT, TINY_PIXELS, run_cli, tiny_dit_with_lora
 from edittuner.errors import EditTunerError
-from edittuner.lora import PRESETS, inject_lora
 from edittuner.models import EditDiT
 from edittuner.objectives import DiTDenoiser, dit_conditioning
 from edittuner.performance import (BlockOffload, PerformanceConfig, attention_backend, compile_blocks,
@@ -29,16 +27,7 @@ def _sample(seed=0):
 
 
 def _lora_dit(dit=None):
-    dit = dit if dit is not None else build_tiny_dit(1)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TorchaoLoraLinear")  # about merge(), which we never call
-        inject_lora(dit, PRESETS["2511"].lora_targets, rank=4, alpha=4)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(std=0.1)
-    return dit
+    return tiny_dit_with_lora(dit, dit_seed=1)
 
 
 def _loss_and_grads(dit, sample, checkpointing=True, timestep=500.0):
