@@ -67,7 +67,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edittuner.lora import DEAD_END_IN_LAST_BLOCK, PRESETS
+from edittuner.lora import PRESETS, selects_module
 
 TIMESTEP_PROJ_DIM = 256  # TimestepEmbeddings(256, dim): sinusoidal features into the time embedding MLP
 
@@ -130,13 +130,6 @@ class _Linear:
         return flops
 
 
-def _adapted(name: str, targets: tuple[str, ...], last_block: int) -> bool:
-    """edittuner.lora.lora_module_names' rule for one full module name."""
-    if name in {f"transformer_blocks.{last_block}.{n}" for n in DEAD_END_IN_LAST_BLOCK}:
-        return False
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def _linear_calls(shape: DiTShape) -> tuple[list[_Linear], list[bool]]:
     """Every Linear call of one forward, in order, and per block whether its attention output requires grad."""
     d, n_i, n_t, rows_t = shape.width, shape.image_tokens, shape.text_tokens, shape.timestep_rows
@@ -144,7 +137,7 @@ def _linear_calls(shape: DiTShape) -> tuple[list[_Linear], list[bool]]:
     calls: list[_Linear] = []
 
     def linear(name, rows, fan_in, fan_out, input_rg, reaches=True, in_block=False) -> bool:
-        call = _Linear(name, rows, fan_in, fan_out, _adapted(name, shape.lora_targets, last), input_rg, reaches,
+        call = _Linear(name, rows, fan_in, fan_out, selects_module(name, shape.lora_targets, shape.num_layers), input_rg, reaches,
                        in_block)
         calls.append(call)
         return call.output_requires_grad

@@ -114,7 +114,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,6 +130,7 @@ from edittuner.atomic import atomic_path, write_json  # noqa: E402
 from edittuner.errors import EditTunerError  # noqa: E402
 from edittuner.lora import PRESETS, inject_lora, lora_parameters  # noqa: E402
 from edittuner.models import EditDiT  # noqa: E402
+from edittuner.trainer import peak_rss_gb  # noqa: E402
 from edittuner.performance import (PerformanceConfig, attention_backend, load_device, place_dit,  # noqa: E402
                                    prepare_base, quantized_bytes)
 
@@ -344,11 +344,6 @@ def peak_memory(device: torch.device) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB}
 
 
-def host_peak_rss_gib() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; the process's peak so far
-
-
 def host_available_bytes() -> int | None:
     try:
         import psutil
@@ -442,9 +437,7 @@ def measure_phase2(run: Run, levers: PerformanceConfig, row: dict, warmup: int, 
     row["dit_weight_bytes"] = quantized_bytes(dit)
     row["block_weight_bytes"] = quantized_bytes(dit.transformer_blocks)
     torch.manual_seed(run.seed)  # LoRA's initial A matrices come from the global RNG, as in the trainer
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TorchaoLoraLinear")
-        inject_lora(dit, PRESET.lora_targets, RANK, ALPHA)
+    inject_lora(dit, PRESET.lora_targets, RANK, ALPHA)
     offload = place_dit(dit, levers, device)
     # What the model's tensors hold after place_dit, LoRA included (offload: the frozen block weights are then
     # empty placeholders on the device, their pinned host copies not counted).
@@ -512,7 +505,7 @@ def measure_phase2(run: Run, levers: PerformanceConfig, row: dict, warmup: int, 
     row.update({"median_step_s": median, "min_step_s": min(row["step_s"]), "max_step_s": max(row["step_s"]),
                 "samples_per_s": 1.0 / median, "model_tflops_per_s": run.model_flops / median / 1e12,
                 "mfu": mfu(run.model_flops, median, run.peak_tflops * 1e12) if run.peak_tflops else None,
-                "host_peak_rss_gib": host_peak_rss_gib()})
+                "host_peak_rss_gib": peak_rss_gb()})
     if offload is not None:
         row["offload"] = {"copies": offload.copies, "max_resident_blocks": offload.max_resident}
     memory = (f", peak {row['peak_allocated_gib']:.1f} GiB allocated / {row['peak_reserved_gib']:.1f} GiB reserved"

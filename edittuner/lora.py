@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,16 +55,19 @@ PRESETS = {
 DEAD_END_IN_LAST_BLOCK = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.2")
 
 
+def selects_module(name: str, targets: tuple[str, ...], num_blocks: int) -> bool:
+    """Whether a Linear layer's full name gets a LoRA: it matches a target and is not a dead end of the last
+    block (the rule lora_module_names applies, and benchmarks/flops.py counts)."""
+    if name.startswith(f"transformer_blocks.{num_blocks - 1}.") and \
+            name.split(".", 2)[2] in DEAD_END_IN_LAST_BLOCK:
+        return False
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def lora_module_names(dit: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Full names of the Linear layers a target list selects, minus those whose output never reaches the loss."""
-    last = len(dit.transformer_blocks) - 1
-    dead = {f"transformer_blocks.{last}.{name}" for name in DEAD_END_IN_LAST_BLOCK}
-    names = []
-    for name, module in dit.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        if any(name == t or name.endswith("." + t) for t in targets) and name not in dead:
-            names.append(name)
+    names = [name for name, module in dit.named_modules()
+             if isinstance(module, torch.nn.Linear) and selects_module(name, targets, len(dit.transformer_blocks))]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         raise EditTunerError(f"--lora_targets: {unmatched} match no Linear layer of the DiT")
@@ -76,7 +80,10 @@ def inject_lora(dit: torch.nn.Module, targets: tuple[str, ...], rank: int, alpha
 
     names = lora_module_names(dit, targets)
     dit.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names), dit)
+    with warnings.catch_warnings():
+        # On an int8/fp8 base peft warns that merge() will not work; we never merge a training adapter.
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear")
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=names), dit)
     for name, param in dit.named_parameters():
         if ".lora_" in name:
             param.requires_grad_(True)

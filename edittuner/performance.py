@@ -196,12 +196,11 @@ class BlockOffload:
     def __init__(self, blocks: torch.nn.ModuleList, device: torch.device):
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
-        self.blocks = list(blocks)
         self.host: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
         self.resident: set[int] = set()
         self.max_resident = 0
         self.copies = 0
-        for index, block in enumerate(self.blocks):
+        for index, block in enumerate(blocks):
             frozen = []
             for param in block.parameters():
                 if param.requires_grad:

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -344,9 +343,7 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
     dit = cfg.model.load_dit(dtype=weight_dtype, device=load_device(levers, accelerator.device))
     prepare_base(dit, levers, accelerator.device)
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices come from the global RNG
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TorchaoLoraLinear")  # about merge(), which we never call
-        inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
+    inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
     place_dit(dit, levers, accelerator.device)
     params = [p for _, p in lora_parameters(dit)]
     if cfg.optimizer == "prodigy_sf":

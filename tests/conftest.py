@@ -54,15 +54,11 @@ def trained_run(demo_cache, resize, tmp_path_factory):
 def tiny_dit_with_lora(dit=None, dit_seed: int = 0):
     """The tiny DiT (or ``dit``) with a seeded rank-4 LoRA whose B is non-zero too, so that LoRA gradients depend
     on everything upstream."""
-    import warnings
-
     from edittuner.lora import PRESETS, inject_lora
     from edittuner.tiny import build_tiny_dit
     dit = dit if dit is not None else build_tiny_dit(dit_seed)
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TorchaoLoraLinear")  # about merge(), which we never call
-        inject_lora(dit, PRESETS["2511"].lora_targets, rank=4, alpha=4)
+    inject_lora(dit, PRESETS["2511"].lora_targets, rank=4, alpha=4)
     with torch.no_grad():
         for name, p in dit.named_parameters():
             if ".lora_B." in name:
