@@ -6,8 +6,9 @@ the base, and choosing "none" gives exactly the base model's output again.
 
 The source image goes into Gradio's ImageEditor: what the user paints with the brush (the union of the brush
 layers' alpha) is the mask, white = regenerate; an image with no strokes is edited whole. Every upload is checked
-(header only) before anything decodes it: unreadable files and images over ``MAX_UPLOAD_PIXELS`` or
-``MAX_UPLOAD_BYTES`` are refused with one clear message, as is every ``EditTunerError`` (``gr.Error``).
+(header only) before anything decodes it: the editor's background, brush layers and composite alike. Unreadable
+files and images over ``MAX_UPLOAD_PIXELS`` or ``MAX_UPLOAD_BYTES`` (a header too large even for Pillow included)
+are refused with one clear message, as is every ``EditTunerError`` (``gr.Error``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import functools
 import io
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -69,12 +71,24 @@ def check_upload(data: str | os.PathLike | bytes, what: str, limits: UploadLimit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with opener() as img:
                 width, height = img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as exc:
+        raise _bomb(what, exc, limits) from None
+    except (OSError, SyntaxError, ValueError):
         raise EditTunerError(f"{what}: unreadable file; it is not an image this app can open "
                              f"(use PNG, JPEG or WebP)") from None
     if width * height > limits.max_pixels:
         raise EditTunerError(f"{what}: {width}x{height} is {width * height / 1e6:.1f} megapixels, over the limit of "
                              f"{limits.max_pixels / 1e6:g} megapixels; downscale it and upload it again")
+
+
+def _bomb(what: str, exc: Image.DecompressionBombError, limits: UploadLimits) -> EditTunerError:
+    """Pillow refuses to open an image whose header declares more than 2 * MAX_IMAGE_PIXELS: too large, not
+    unreadable. Pillow names the pixel count only in its message."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)) / 1e6:,.0f} megapixels" if found else \
+        f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:,.0f} megapixels"
+    return EditTunerError(f"{what}: its header declares {size}, over the limit of {limits.max_pixels / 1e6:g} "
+                          "megapixels (refused before decoding); downscale it and upload it again")
 
 
 def _decode(open_image, what: str) -> Image.Image:
@@ -88,14 +102,17 @@ def _decode(open_image, what: str) -> Image.Image:
 
 
 def _upload_parts(component, payload) -> list[tuple[str, str | bytes | None]]:
-    """(what, file path or bytes) of each image in a gr.Image or gr.ImageEditor payload."""
+    """(what, file path or bytes) of each image in a gr.Image or gr.ImageEditor payload: for the editor its
+    background, every brush layer and the composite (Gradio decodes all of them)."""
     what = component.what
     if isinstance(component, gr.ImageEditor):
         if payload.id is not None and payload.id in component.blob_storage:  # the browser sends the canvas as blobs
             cached = component.blob_storage[payload.id]
-            return [(what, cached.background), *((f"{what} (brush layer)", x) for x in cached.layers)]
-        return [(what, payload.background and payload.background.path),
-                *((f"{what} (brush layer)", x and x.path) for x in payload.layers)]
+            background, layers, composite = cached.background, cached.layers, cached.composite
+        else:
+            background, composite = (f and f.path for f in (payload.background, payload.composite))
+            layers = [x and x.path for x in payload.layers]
+        return [(what, background), *((f"{what} (brush layer)", x) for x in layers), (f"{what} (composite)", composite)]
     return [(what, payload.path)]
 
 

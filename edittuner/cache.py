@@ -23,21 +23,22 @@ import inspect
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .atomic import atomic_path, write_json
+from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .dataset import Sample, load_dataset
 from .errors import EditTunerError
-from .images import ResizeConfig, fit_size, load_mask, load_rgb, resize_to
+from .images import ResizeConfig, check_aspect_ratio, fit_size, load_mask, load_rgb, probe_image, resize_to
 from .models import Encoders, ModelSource
 
 CACHE_FORMAT = 1
@@ -45,6 +46,8 @@ MANIFEST = "manifest.json"
 IDENTITY = "cache_identity.json"
 VALIDATION_SUBDIR = "validation"       # phase 1 encodes the validation pairs here, in the same format
 DEFAULT_NEGATIVE_PROMPT = " "          # what the engine's Qwen-Image-Edit examples pass
+REFUSED = "refused_rows.json"          # rows phase 1 could not encode, with the reason (only while there are any)
+SHOWN_REFUSALS = 10                    # refused rows named in the error message itself
 
 
 def template_identity() -> str:
@@ -212,15 +215,79 @@ def _disk_error(exc: OSError, what: str, cache_dir: Path) -> EditTunerError:
                           "with the same flags: it reuses them and encodes the rest")
 
 
+def check_validation_overlap(train: list[Sample], validation: list[Sample], train_json, validation_json) -> None:
+    """Refuse validation pairs that are also training rows (same id, or same target file)."""
+    ids = {s.id for s in train}
+    images = {os.path.realpath(s.image) for s in train}
+    shared = [s.id for s in validation if s.id in ids or os.path.realpath(s.image) in images]
+    if shared:
+        shown = ", ".join(repr(i) for i in shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+        raise EditTunerError(
+            f"--validation_json {validation_json}: {len(shared)} of its {len(validation)} pairs are also training "
+            f"rows of {train_json} (same id or target image: {shown}), so validation would not be held out. Remove "
+            "them from one of the two files, or regenerate both with `edittuner dataset --val_fraction F` (a stale "
+            "<name>_val.json from an earlier split is the usual cause)")
+
+
+def row_refusal(sample: Sample, resize: ResizeConfig, embedder) -> str | None:
+    """Why phase 1 cannot encode this row, read from its image headers; None when it can. Refused: an unreadable
+    image, an aspect ratio the engine cannot take (each image as it is, and each reference as the engine resizes it
+    for the Qwen2.5-VL encoder at --vl_pixels), a mask whose size is not the target's."""
+    try:
+        target = probe_image(sample.image)
+        check_aspect_ratio(target.width, target.height, f"target {sample.image}")
+        for k, path in enumerate(sample.edit_images):
+            info = probe_image(path)
+            what = f"reference edit_image[{k}] {path}"
+            check_aspect_ratio(info.width, info.height, what)
+            fitted = fit_size(info.width, info.height, resize.ref_max_pixels or resize.max_pixels, resize.multiple)
+            vl_size = embedder.calculate_dimensions(resize.vl_pixels, fitted[0] / fitted[1])
+            check_aspect_ratio(*vl_size, f"{what} ({info.width}x{info.height}) resized by the engine for the "
+                                         f"Qwen2.5-VL encoder at --vl_pixels {resize.vl_pixels}")
+        if sample.mask is not None:
+            mask = probe_image(sample.mask)
+            if (mask.width, mask.height) != (target.width, target.height):
+                return (f"mask {sample.mask} is {mask.width}x{mask.height} but the target {sample.image} is "
+                        f"{target.width}x{target.height}; make the mask exactly the target's size (white = edited)")
+    except EditTunerError as exc:
+        return str(exc)
+    return None
+
+
 def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
-    """Encode the dataset into ``cfg.cache_dir``; shard across processes when run under accelerate."""
+    """Encode the dataset into ``cfg.cache_dir`` (and ``cfg.validation_json`` into its ``validation/``); shard
+    across processes when run under accelerate.
+
+    A row phase 1 cannot encode (``row_refusal``, or an image that fails to decode) is refused and every other
+    sample is encoded; then EditTunerError lists the refused rows (all of them in ``refused_rows.json``) and no
+    manifest is written for that set, so phase 2 cannot start on it until they are fixed or removed.
+    """
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU processes do not see each other
-    samples = load_dataset(cfg.dataset_json, root=cfg.data_root)
+    sets = [(cfg, load_dataset(cfg.dataset_json, root=cfg.data_root))]
+    if cfg.validation_json is not None:
+        validation = load_dataset(cfg.validation_json, root=cfg.data_root)
+        check_validation_overlap(sets[0][1], validation, cfg.dataset_json, cfg.validation_json)
+        sets.append((replace(cfg, dataset_json=cfg.validation_json, cache_dir=Path(cfg.cache_dir) / VALIDATION_SUBDIR,
+                             validation_json=None, negative_prompt=DEFAULT_NEGATIVE_PROMPT
+                             if cfg.negative_prompt is None else cfg.negative_prompt), validation))
     cfg.model.check(("text_encoder", "vae", "processor"))
+    for set_cfg, _ in sets:
+        check_output_dir(set_cfg.cache_dir, "--cache_dir")
+    # One phase 1 at a time per cache folder: a second is refused, naming the first.
+    with FolderLock(cfg.cache_dir, "phase 1 (precompute)") if state.is_main_process else nullcontext():
+        results = [_encode_set(set_cfg, samples, state, progress) for set_cfg, samples in sets]
+    if any(part["refused"] for part in results):
+        raise _refused_error([(set_cfg, part) for (set_cfg, _), part in zip(sets, results)])
+    if len(results) > 1:
+        results[0]["validation"] = results[1]
+    return results[0]
+
+
+def _claim_cache_dir(cfg: PrecomputeConfig, identity: dict, state) -> None:
+    """Refuse a cache made with other encoders or resize settings, then record this run's identity."""
     cache_dir = Path(cfg.cache_dir)
-    identity = cache_identity(cfg.model.encoder_fingerprint(), cfg.resize)
     identity_path = cache_dir / IDENTITY
     if identity_path.is_file():
         existing = json.loads(identity_path.read_text())
@@ -231,19 +298,26 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
                 "Use another --cache_dir, or pass --overwrite to re-encode this one.")
     state.wait_for_everyone()
     if state.is_main_process:
-        write_json(identity_path, identity)
-        (cache_dir / "samples").mkdir(parents=True, exist_ok=True)
-        for stale in (cache_dir / "samples").glob(".*.tmp"):  # left by a run killed mid-write
-            stale.unlink(missing_ok=True)
+        try:
+            write_json(identity_path, identity)
+            (cache_dir / "samples").mkdir(parents=True, exist_ok=True)
+            for stale in (cache_dir / "samples").glob(".*.tmp"):  # left by a run killed mid-write
+                stale.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _disk_error(exc, f"writing {identity_path}", cache_dir) from None
     state.wait_for_everyone()
 
-    device = state.device
-    dtype = _resolve_dtype(cfg.dtype, device)
-    mine = samples[state.process_index::state.num_processes]
+
+def _plan(cfg: PrecomputeConfig, rows: list[tuple[int, Sample]], embedder):
+    """This process's rows sorted into refused, reused (their file hashes) and to encode."""
+    cache_dir = Path(cfg.cache_dir)
     previous = _previous_file_hashes(cache_dir)
-    file_hashes: dict[str, str] = {}    # "samples/<name>" -> sha256 of the file, for the manifest
-    todo, skipped = [], 0
-    for sample in mine:
+    todo, file_hashes, refused, reused = [], {}, [], 0
+    for row, sample in rows:
+        reason = row_refusal(sample, cfg.resize, embedder)
+        if reason is not None:
+            refused.append({"row": row, "id": sample.id, "reason": reason})
+            continue
         hashes = source_hashes(sample)
         if cfg.negative_prompt is not None:
             hashes["negative_prompt"] = cfg.negative_prompt
@@ -252,53 +326,98 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
         existing = None if cfg.overwrite else _existing_record(path, hashes, previous.get(name))
         if existing is not None:
             file_hashes[name] = existing[1]
-            skipped += 1
+            reused += 1
         else:
-            todo.append((sample, hashes, path))
+            todo.append((row, sample, hashes, path))
+    return todo, file_hashes, refused, reused
 
-    start = time.perf_counter()
-    if todo:
-        encoders = cfg.model.load_encoders(dtype=dtype, device=device)
-        pipe = make_encoding_pipe(encoders, device, dtype)
-        embedder = reference_prompt_embedder(cfg.resize.vl_pixels)
-        for sample, hashes, path in tqdm(todo, desc=f"phase 1 [{state.process_index}]", unit="sample",
-                                         disable=not progress):
+
+def _encode_todo(cfg: PrecomputeConfig, todo: list, state, dtype, embedder, progress: bool):
+    """Encode and write each sample of ``todo``; returns (file hashes, rows refused because an image would not
+    decode). A failed write (full disk) stops the run; everything written so far stays."""
+    file_hashes, refused = {}, []
+    if not todo:
+        return file_hashes, refused
+    encoders = cfg.model.load_encoders(dtype=dtype, device=state.device)
+    pipe = make_encoding_pipe(encoders, state.device, dtype)
+    for row, sample, hashes, path in tqdm(todo, desc=f"phase 1 [{state.process_index}]", unit="sample",
+                                          disable=not progress):
+        try:
             target, refs, mask = prepare_images(sample, cfg.resize)
-            tensors = encode_images_and_prompt(pipe, embedder, sample.prompt, target, refs, mask, cfg.negative_prompt)
-            tensors = {k: (v.to(dtype) if v.is_floating_point() and k != "mask" else v) for k, v in tensors.items()}
-            record = {"id": sample.id, "file": f"samples/{path.name}", "prompt": sample.prompt,
-                      "sources": {"image": str(sample.image), "edit_image": [str(p) for p in sample.edit_images],
-                                  "back_mask": str(sample.mask) if sample.mask else None},
-                      "hashes": hashes, "target_size": list(target.size),
-                      "shapes": {k: list(v.shape) for k, v in tensors.items()}}
-            try:
-                with atomic_path(path) as tmp:
-                    save_file(tensors, str(tmp), metadata={"record": json.dumps(record), "format": str(CACHE_FORMAT)})
-                    file_hashes[record["file"]] = sha256_file(tmp)
-            except OSError as exc:
-                raise _disk_error(exc, f"writing cache file {path}", cache_dir) from None
-    elapsed = time.perf_counter() - start
+        except EditTunerError as exc:   # the header was fine, the pixels are not (truncated file, blank mask)
+            refused.append({"row": row, "id": sample.id, "reason": str(exc)})
+            continue
+        tensors = encode_images_and_prompt(pipe, embedder, sample.prompt, target, refs, mask, cfg.negative_prompt)
+        tensors = {k: (v.to(dtype) if v.is_floating_point() and k != "mask" else v) for k, v in tensors.items()}
+        record = {"id": sample.id, "file": f"samples/{path.name}", "prompt": sample.prompt,
+                  "sources": {"image": str(sample.image), "edit_image": [str(p) for p in sample.edit_images],
+                              "back_mask": str(sample.mask) if sample.mask else None},
+                  "hashes": hashes, "target_size": list(target.size),
+                  "shapes": {k: list(v.shape) for k, v in tensors.items()}}
+        try:
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"record": json.dumps(record), "format": str(CACHE_FORMAT)})
+                file_hashes[record["file"]] = sha256_file(tmp)
+        except OSError as exc:
+            raise _disk_error(exc, f"writing cache file {path}", Path(cfg.cache_dir)) from None
+    return file_hashes, refused
 
-    shard = cache_dir / f".file_hashes.{state.process_index}.json"
+
+def _gather(state, cache_dir: Path, file_hashes: dict, refused: list) -> tuple[dict, list]:
+    """Every process's file hashes and refused rows (through one small JSON file per process)."""
     if state.num_processes > 1:
-        write_json(shard, file_hashes)
-    state.wait_for_everyone()
+        shard = cache_dir / f".file_hashes.{state.process_index}.json"
+        write_json(shard, {"file_hashes": file_hashes, "refused": refused})
+        state.wait_for_everyone()
+        file_hashes, refused = {}, []
+        for rank in range(state.num_processes):
+            part = json.loads((cache_dir / f".file_hashes.{rank}.json").read_text(encoding="utf-8"))
+            file_hashes.update(part["file_hashes"])
+            refused += part["refused"]
+        state.wait_for_everyone()
+        shard.unlink(missing_ok=True)
+    return file_hashes, sorted(refused, key=lambda r: r["row"])
+
+
+def _encode_set(cfg: PrecomputeConfig, samples: list[Sample], state, progress: bool) -> dict:
+    """Phase 1 for one dataset JSON into ``cfg.cache_dir``: the manifest only when no row was refused."""
+    cache_dir = Path(cfg.cache_dir)
+    identity = cache_identity(cfg.model.encoder_fingerprint(), cfg.resize)
+    _claim_cache_dir(cfg, identity, state)
+    dtype = _resolve_dtype(cfg.dtype, state.device)
+    embedder = reference_prompt_embedder(cfg.resize.vl_pixels)
+    rows = list(enumerate(samples))[state.process_index::state.num_processes]
+    todo, file_hashes, refused, reused = _plan(cfg, rows, embedder)
+    start = time.perf_counter()
+    encoded_hashes, late_refused = _encode_todo(cfg, todo, state, dtype, embedder, progress)
+    elapsed = time.perf_counter() - start
+    file_hashes, refused = _gather(state, cache_dir, {**file_hashes, **encoded_hashes}, refused + late_refused)
     manifest = None
     if state.is_main_process:
-        for rank in range(1, state.num_processes):
-            other = cache_dir / f".file_hashes.{rank}.json"
-            file_hashes.update(json.loads(other.read_text(encoding="utf-8")))
-        manifest = write_manifest(cfg, samples, identity, str(dtype).replace("torch.", ""), file_hashes)
+        if refused:
+            write_json(cache_dir / REFUSED, {"dataset_json": str(cfg.dataset_json), "refused": refused})
+        else:
+            (cache_dir / REFUSED).unlink(missing_ok=True)
+            manifest = write_manifest(cfg, samples, identity, str(dtype).replace("torch.", ""), file_hashes)
     state.wait_for_everyone()
-    if state.num_processes > 1:
-        shard.unlink(missing_ok=True)
-    result = {"encoded": len(todo), "skipped": skipped, "seconds": elapsed, "manifest": manifest}
-    if cfg.validation_json is not None:
-        result["validation"] = precompute_cache(replace(
-            cfg, dataset_json=cfg.validation_json, cache_dir=cache_dir / VALIDATION_SUBDIR, validation_json=None,
-            negative_prompt=DEFAULT_NEGATIVE_PROMPT if cfg.negative_prompt is None else cfg.negative_prompt),
-            progress=progress)
-    return result
+    return {"encoded": len(todo) - len(late_refused), "skipped": reused, "seconds": elapsed, "manifest": manifest,
+            "refused": refused}
+
+
+def _refused_error(parts: list[tuple[PrecomputeConfig, dict]]) -> EditTunerError:
+    lines = ["phase 1 refused the rows below and encoded every other sample; it wrote no manifest for a dataset "
+             "with refused rows, so phase 2 cannot start on it yet."]
+    for cfg, part in parts:
+        refused = part["refused"]
+        if not refused:
+            continue
+        lines.append(f"{len(refused)} row(s) of {cfg.dataset_json} (all listed in {Path(cfg.cache_dir) / REFUSED}):")
+        lines += [f"  row {r['row']}, id {r['id']!r}: {r['reason']}" for r in refused[:SHOWN_REFUSALS]]
+        if len(refused) > SHOWN_REFUSALS:
+            lines.append(f"  ... and {len(refused) - SHOWN_REFUSALS} more")
+    lines.append("Fix or remove these rows (`edittuner dataset` skips such samples, with the reason) and re-run "
+                 "`edittuner precompute` with the same flags: it reuses every sample already encoded.")
+    return EditTunerError("\n".join(lines))
 
 
 def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], identity: dict, dtype: str,
@@ -381,7 +500,7 @@ class CacheReader:
             tensors = load_safetensors_bytes(data)
             self._verified.add(index)
             return tensors
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
             raise EditTunerError(f"{path}: unreadable cache file ({exc}); re-run `edittuner precompute` "
                                  "(it re-encodes missing or broken samples)") from None
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EditTunerError
+from .errors import EditTunerError, check_seed
 from .performance import ATTENTION, BASE_QUANTIZATION
 
 
@@ -19,6 +19,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    except EditTunerError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--seed ")) from None
 
 
 def _on_off(text: str) -> bool:
@@ -44,7 +53,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model_dir", default="tiny",
                        help="local Qwen-Image-Edit folder in the official layout, or 'tiny' for the built-in model")
-    group.add_argument("--tiny_seed", type=int, default=0, help="seed the tiny model is made from (default 0)")
+    group.add_argument("--tiny_seed", type=_seed, default=0, help="seed the tiny model is made from (default 0)")
     for component in ("transformer", "text_encoder", "vae", "processor"):
         group.add_argument(f"--{component}_dir", default=None,
                            help=f"override the {component}/ folder (e.g. Qwen-Image's {component} with 2511's DiT)")
@@ -105,7 +114,8 @@ def cmd_train(args) -> None:
         gradient_accumulation=args.gradient_accumulation, batch_size=args.batch_size, zero_cond_t=args.zero_cond_t,
         lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, gradient_checkpointing=args.gradient_checkpointing,
-        mixed_precision=args.mixed_precision, resume=args.resume, eval_samples=args.eval_samples,
+        mixed_precision=args.mixed_precision, resume=args.resume, overwrite=args.overwrite,
+        eval_samples=args.eval_samples,
         eval_every=args.eval_every, objective=args.objective, optimizer=args.optimizer, report_to=args.report_to,
         deepspeed_config=Path(args.deepspeed_config) if args.deepspeed_config else None,
         validation_steps=args.validation_steps, validation_samples=args.validation_samples,
@@ -121,6 +131,11 @@ def cmd_train(args) -> None:
                             normalize_velocity=args.normalize_velocity, **weights),
         performance=PerformanceConfig(attention=args.attention, compile=args.compile,
                                       base_quantization=args.base_quantization, offload_blocks=args.offload_blocks))
+    if args.dry_run:
+        from .trainer import check_train
+        check_train(cfg)
+        print(f"train: settings checked, {cfg.output_dir} is ready (--dry_run: nothing loaded or written)")
+        return
     result = train(cfg)
     if result["lora"] and int(os.environ.get("RANK", "0")) == 0:  # one line per run, not per process
         evals = ""
@@ -219,12 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "the loss is the mean over the micro-step's samples (flow objective; not under DeepSpeed)")
     p.add_argument("--zero_cond_t", type=_on_off, default=None, help="on/off; default from the preset (2511 on, 2509 off)")
     p.add_argument("--lora_targets", default=None, help="comma-separated module suffixes (default from the preset)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (default 500)")
     p.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints")
     p.add_argument("--gradient_checkpointing", type=_on_off, default=True, help="on/off (default on)")
     p.add_argument("--mixed_precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), no, bf16")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--resume", default=None,
+                   help="'latest' or a checkpoint directory; the new lr, warm-up, weight decay, clipping and step "
+                        "count apply from the next step, a change to anything else is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run may replace an earlier run in --output_dir (its checkpoints, LoRA, metrics); "
+                        "without it such a folder is refused")
+    p.add_argument("--dry_run", action="store_true",
+                   help="check every setting, the output folder and the model folder, load nothing and exit")
     p.add_argument("--eval_samples", type=int, default=8, help="cache samples in the fixed-noise eval loss (default 8)")
     p.add_argument("--eval_every", type=int, default=0, help="log the eval loss every N steps (0: start and end only)")
     p.add_argument("--deepspeed_config", default=None,
@@ -289,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: flow 30, bridge 1)")
     p.add_argument("--guidance", type=float, default=4.0, help="flow: true CFG scale; 1 disables it (default 4)")
     p.add_argument("--negative_prompt", default=" ", help="flow: the CFG negative prompt (default ' ')")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--stream", default="main", choices=["main", "sub"],
                    help="bridge: start from the first reference (main) or from a white image (sub)")
     p.add_argument("--bridge_sigma", type=float, default=0.0, help="bridge: stochastic term of the steps (default 0)")
@@ -323,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except EditTunerError as exc:
         print(f"edittuner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine said no (permissions, a full disk, a file where a folder should be)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"edittuner {args.command}: error:{where}: {exc.strerror or exc}; check that path (permissions, "
+              "free space) and run again: nothing already written was replaced", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edittuner {args.command}: interrupted", file=sys.stderr)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .atomic import write_json
 from .errors import EditTunerError
-from .images import IMAGE_EXTENSIONS, ImageTooLarge, probe_image
+from .images import IMAGE_EXTENSIONS, ImageTooLarge, check_aspect_ratio, probe_image
 
 REFERENCE_ROLES = ("source", "source_2", "source_3")
 ROLES = ("target",) + REFERENCE_ROLES + ("ref_gt", "mask")
@@ -72,12 +72,15 @@ class GenerateReport:
     output: Path
     val_output: Path | None
     skipped_output: Path
+    val_note: str | None = None     # what became of an existing <name>_val.json when this run wrote none
 
     def summary(self) -> str:
         reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
         lines = [f"wrote {self.rows} samples to {self.output}"]
         if self.val_output:
             lines.append(f"wrote {self.val_rows} validation samples to {self.val_output}")
+        if self.val_note:
+            lines.append(self.val_note)
         lines.append(f"skipped {len(self.skipped)} samples (details in {self.skipped_output})")
         lines += [f"  {count:6d}  {reason}" for reason, count in sorted(reasons.items())]
         return "\n".join(lines)
@@ -167,6 +170,10 @@ def _check_sample(task: tuple) -> tuple[dict | None, str | None]:
     for role, info in infos.items():
         if min(info.width, info.height) < min_size:
             return None, f"too small: {role}/{paths[role][0].name} is {info.width}x{info.height} (< --min_size {min_size})"
+        try:
+            check_aspect_ratio(info.width, info.height, f"{role}/{paths[role][0].name}")
+        except EditTunerError as exc:
+            return None, f"extreme aspect ratio: {exc}"
     must_match = ["mask"] + (["ref_gt", *REFERENCE_ROLES] if strict_size else [])
     for role in must_match:
         if role in infos and (infos[role].width, infos[role].height) != (target.width, target.height):
@@ -237,12 +244,37 @@ def generate_dataset_json(cfg: GenerateConfig, progress: bool = True) -> Generat
         val_rows = [r for i, r in enumerate(rows) if i in val_ids]
         rows = [r for i, r in enumerate(rows) if i not in val_ids]
     write_json(output, rows)
-    val_output = output.with_name(output.stem + "_val.json") if val_rows else None
-    if val_output:
+    val_output, val_note = output.with_name(output.stem + "_val.json"), None
+    if val_rows:
         write_json(val_output, val_rows)
+    else:
+        val_note, val_output = _settle_old_validation_set(val_output, rows, out_dir), None
     skipped_output = output.with_name(output.stem + "_skipped.json")
     write_json(skipped_output, skipped)
-    return GenerateReport(len(rows), len(val_rows), skipped, output, val_output, skipped_output)
+    return GenerateReport(len(rows), len(val_rows), skipped, output, val_output, skipped_output, val_note)
+
+
+def _settle_old_validation_set(val_path: Path, rows: list[dict], out_dir: Path) -> str | None:
+    """This run wrote no validation split; an existing ``<name>_val.json`` (which the launchers pass to phase 1)
+    from an earlier split would make validation pairs training rows too. Remove it when any of its pairs is now a
+    training row (same id or same target file); keep one whose pairs are all held out (made from other data).
+    Returns the summary line, or None when there is no such file."""
+    if not val_path.is_file():
+        return None
+    try:
+        old = json.loads(val_path.read_bytes())
+        old_keys = [(str(r.get("id") or Path(r["image"]).stem), os.path.realpath(out_dir / r["image"])) for r in old]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return (f"note: {val_path} is not a dataset JSON the generator can read; the launchers would pass it to "
+                "phase 1 as validation pairs: fix or remove it")
+    ids = {r["id"] for r in rows}
+    images = {os.path.realpath(out_dir / r["image"]) for r in rows}
+    overlap = sum(1 for key, image in old_keys if key in ids or image in images)
+    if not overlap:
+        return f"kept {val_path}: none of its {len(old_keys)} validation pairs is a training row"
+    val_path.unlink()
+    return (f"removed the stale {val_path}: {overlap} of its {len(old_keys)} validation pairs are training rows now "
+            "(this run has no --val_fraction split); pass --val_fraction to hold pairs out again")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageChops, ImageOps
 
 from .errors import EditTunerError
 
@@ -118,8 +118,42 @@ def _decode_rgb(path) -> Image.Image:
 
 
 def load_mask(path: str | os.PathLike) -> Image.Image:
-    """A mask as single-channel 8-bit: white (255) marks the region the edit changes."""
-    return load_rgb(path).convert("L")
+    """A mask as single-channel 8-bit: white (255) marks the region the edit changes, black (0) what it keeps.
+
+    How alpha is read (RGBA, LA, palette with a transparent index): a transparent pixel means "not edited",
+    whatever colour it hides, and the mask is the grey level multiplied by alpha (composited onto black): a white
+    stroke on a transparent layer marks the stroke, a half-transparent white pixel counts half. A fully opaque
+    alpha channel is ignored. A mask whose visible pixels are all black (a dark brush on a transparent layer)
+    would mark nothing and is refused with a message, not guessed. EXIF orientation and 16-bit greyscale are
+    handled as in ``load_rgb``.
+    """
+    probe_image(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _decode_mask(Path(path))
+    except _DECODE_ERRORS as exc:
+        raise _unreadable(Path(path), exc) from None
+
+
+def _decode_mask(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = img.point(lambda v: v / 256).convert("L")
+        if not (img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)):
+            return img.convert("L")
+        rgba = img.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        grey = rgba.convert("RGB").convert("L")     # the colour alone: RGBA -> RGB drops alpha, no compositing
+        if alpha.getextrema()[0] == 255:
+            return grey
+        mask = ImageChops.multiply(grey, alpha)
+        if mask.getextrema()[1] == 0 and alpha.getextrema()[1] > 0:
+            raise EditTunerError(f"{path}: the mask's visible pixels are all black, so it marks nothing as edited "
+                                 "(black and transparent both mean 'not edited'); paint the region to edit white "
+                                 "on a black or transparent background")
+        return mask
 
 
 @dataclass(frozen=True)
@@ -164,3 +198,20 @@ def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     if image.size == size:
         return image
     return image.resize(size, Image.Resampling.LANCZOS if image.mode != "L" else Image.Resampling.BILINEAR)
+
+
+# The most extreme width:height (or height:width) ratio accepted for an image fed to the model: the Qwen2.5-VL
+# processor refuses anything over 200:1 deep inside transformers. With the default resize settings every image up
+# to 200:1 passes the engine's resizes (measured: the first failure is at 256:1). Shared by the dataset generator,
+# phase 1 and sampling, which refuse such images up front with the image named.
+MAX_ASPECT_RATIO = 200
+
+
+def check_aspect_ratio(width: int, height: int, what: str) -> None:
+    """Raise EditTunerError naming ``what`` if width:height is more extreme than MAX_ASPECT_RATIO (or empty)."""
+    if width <= 0 or height <= 0:
+        raise EditTunerError(f"{what}: empty image ({width}x{height}); replace or remove it")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise EditTunerError(f"{what}: {width}x{height} has an aspect ratio of {ratio:.4g}:1; the model accepts at "
+                             f"most {MAX_ASPECT_RATIO}:1; crop or pad it to a less extreme shape")

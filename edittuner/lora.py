@@ -12,12 +12,15 @@ Other formats (``export_lora``): "diffusers" = ``transformer.<module>.lora_A/B.w
 own writer lays it out; "comfyui" = ``diffusion_model.<module>.lora_A/B.weight`` plus a scalar
 ``diffusion_model.<module>.alpha`` with lora_B unfolded (B_file = B * rank / alpha), the same delta.
 Reading accepts all three and the bare ``<module>.lora_A.weight`` layout of older files. In memory, code works on
-the "canonical" form: bare module names, scale folded into lora_B.
+the "canonical" form: bare module names, scale folded into lora_B. Every reader (sampling, the app, resume,
+export) refuses a file with NaN or infinite weights, a non-2-D, empty or rank-mismatched lora_A/lora_B, or an
+alpha (tensor, metadata or peft ``lora_alpha``) that is not one finite number above 0, naming the file and key.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output_file
 from .errors import EditTunerError
 
 BASE_TARGETS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
@@ -130,14 +133,43 @@ def save_lora(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata:
         save_file(state, str(tmp), metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()})
 
 
+def _alpha_value(value, where: str) -> float:
+    """An alpha read from a file (metadata text, JSON value or a tensor's number): finite and above 0, or an error."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise EditTunerError(f"{where} is {value!r}, not a number; set it to the alpha the LoRA was trained with "
+                             "(often its rank) or remove it") from None
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise EditTunerError(f"{where} is {value!r}; an alpha must be a finite number above 0; set it to the alpha "
+                             "the LoRA was trained with (often its rank) or remove it")
+    return alpha
+
+
+def _check_finite(state: dict[str, torch.Tensor], source) -> None:
+    """Refuse NaN or infinite weights: they would sample black images and train nothing."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value.float()).all()):
+            bad = int((~torch.isfinite(value.float())).sum())
+            raise EditTunerError(f"{source}: {key} holds {bad} NaN or infinite value(s) of {value.numel()}; the file "
+                                 "is broken: re-export it, or use an earlier checkpoint of the run")
+
+
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata of a safetensors file, as stored."""
+    """The tensors and the metadata of a safetensors file, as stored; every reader of a LoRA goes through here, so
+    this refuses NaN or infinite weights and an ``alpha`` metadata entry that is not a finite number above 0."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-        return load_file(str(path)), metadata
+        state = load_file(str(path))
     except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
         raise EditTunerError(f"{path}: not a readable LoRA safetensors file ({exc})") from None
+    _check_finite(state, path)
+    if "alpha" in metadata:
+        _alpha_value(metadata["alpha"], f"{path}: metadata \"alpha\"")
+    return state, metadata
 
 
 def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -181,24 +213,47 @@ def canonical_lora(state: dict[str, torch.Tensor], peft_scale: float | None = No
     ``.alpha`` tensors fold in as alpha / rank; ``peft_scale`` is a peft lora_alpha from diffusers' metadata,
     folded in as lora_alpha / rank for files that have no ``.alpha`` tensors."""
     detect_format(state, source)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
+    modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in state.items():
         split = _split_key(key)
         if split is None:
             raise EditTunerError(f"{source}: {key} is not a LoRA tensor (expected only lora_A, lora_B and alpha)")
-        modules.setdefault(split[0], {})[split[1]] = value
+        modules.setdefault(split[0], {})[split[1]] = (key, value)
     out = {}
     for name, parts in sorted(modules.items()):
         if "lora_A" not in parts or "lora_B" not in parts:
             raise EditTunerError(f"{source}: {name} lacks {'lora_B' if 'lora_A' in parts else 'lora_A'}; "
                                  "the file is incomplete")
-        down, up = parts["lora_A"], parts["lora_B"]
-        rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else peft_scale
-        scale = 1.0 if alpha is None else alpha / rank
+        down, up = _checked_pair(parts["lora_A"], parts["lora_B"], source)
+        alpha = _layer_alpha(parts["alpha"], source) if "alpha" in parts else peft_scale
+        scale = 1.0 if alpha is None else alpha / down.shape[0]
         out[name + _A] = down
         out[name + _B] = up if scale == 1.0 else up * scale
+        if scale != 1.0 and not bool(torch.isfinite(out[name + _B]).all()):
+            raise EditTunerError(f"{source}: {parts['lora_B'][0]} overflows once scaled by alpha / rank = {scale:g}; "
+                                 "the alpha is wrong: fix it or remove it")
     return out
+
+
+def _checked_pair(down: tuple[str, torch.Tensor], up: tuple[str, torch.Tensor],
+                  source) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_A (rank, in) and lora_B (out, rank) of one layer: 2-D, not empty, the same rank."""
+    for key, value in (down, up):
+        if value.ndim != 2 or 0 in value.shape:
+            raise EditTunerError(f"{source}: {key} has shape {tuple(value.shape)}; LoRA weights are non-empty 2-D "
+                                 "matrices (lora_A: rank x in, lora_B: out x rank); the file is broken")
+    if down[1].shape[0] != up[1].shape[1]:
+        raise EditTunerError(f"{source}: {down[0]} {tuple(down[1].shape)} and {up[0]} {tuple(up[1].shape)} disagree on "
+                             "the rank (lora_A's rows must equal lora_B's columns); the file is broken")
+    return down[1], up[1]
+
+
+def _layer_alpha(alpha: tuple[str, torch.Tensor], source) -> float:
+    key, value = alpha
+    if value.numel() != 1:
+        raise EditTunerError(f"{source}: {key} holds {value.numel()} values of shape {tuple(value.shape)}; a layer's "
+                             "alpha is one number; fix the file")
+    return _alpha_value(value.item(), f"{source}: {key}")
 
 
 def to_format(canonical: dict[str, torch.Tensor], fmt: str, alpha: float | None = None) -> dict[str, torch.Tensor]:
@@ -224,21 +279,26 @@ def _peft_alpha(metadata: dict[str, str], source) -> float | None:
         return None
     try:
         config = json.loads(metadata["lora_adapter_metadata"])
-    except ValueError:
-        raise EditTunerError(f"{source}: unreadable lora_adapter_metadata") from None
-    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    except (ValueError, RecursionError):
+        raise EditTunerError(f"{source}: metadata \"lora_adapter_metadata\" is not valid JSON; "
+                             "fix or remove it") from None
+    if not isinstance(config, dict):
+        raise EditTunerError(f"{source}: metadata \"lora_adapter_metadata\" is a JSON {type(config).__name__}, not an "
+                             "object like {\"r\": 16, \"lora_alpha\": 16}; fix or remove it")
+    config = {str(k).removeprefix("transformer."): v for k, v in config.items()}
     if config.get("alpha_pattern") or config.get("use_rslora"):
         raise EditTunerError(f"{source}: per-layer alpha_pattern / use_rslora in lora_adapter_metadata is not supported")
-    return None if config.get("lora_alpha") is None else float(config["lora_alpha"])
+    if config.get("lora_alpha") is None:
+        return None
+    return _alpha_value(config["lora_alpha"], f"{source}: lora_adapter_metadata \"lora_alpha\"")
 
 
 def _training_alpha(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> float | None:
-    """The alpha a file was trained with: from our metadata, else from its ``.alpha`` tensors if they agree."""
-    try:
+    """The alpha a file was trained with: from our metadata (``read_lora_file`` checked it), else from its
+    ``.alpha`` tensors if they agree."""
+    if "alpha" in metadata:
         return float(metadata["alpha"])
-    except (KeyError, ValueError):
-        pass
-    alphas = {float(v) for k, v in state.items() if k.endswith(_ALPHA)}
+    alphas = {float(v.item()) for k, v in state.items() if k.endswith(_ALPHA)}
     return alphas.pop() if len(alphas) == 1 else None
 
 
@@ -248,6 +308,7 @@ def export_lora(source: str | os.PathLike, output: str | os.PathLike, fmt: str) 
     Metadata is carried over, with format, rank, alpha and alpha_folded_into_lora_B set to describe the output
     (diffusers' peft metadata is dropped: its scale is folded into the tensors)."""
     check_format(fmt)
+    check_output_file(output, "--output")
     state, metadata = read_lora_file(source)
     source_format = detect_format(state, str(source))
     canonical = canonical_lora(state, peft_scale=_peft_alpha(metadata, source), source=str(source))
@@ -257,5 +318,9 @@ def export_lora(source: str | os.PathLike, output: str | os.PathLike, fmt: str) 
     metadata.update({"format": fmt, "rank": metadata.get("rank", str(rank)),
                      "alpha": str(alpha if alpha is not None else float(rank)),
                      "alpha_folded_into_lora_B": "false" if fmt == "comfyui" else "true"})
-    save_lora(output, to_format(canonical, fmt, alpha), metadata)
+    try:
+        save_lora(output, to_format(canonical, fmt, alpha), metadata)
+    except OSError as exc:
+        raise EditTunerError(f"--output {output}: writing failed ({exc.strerror or exc}); nothing was written there; "
+                             "free some space or choose another folder") from None
     return source_format

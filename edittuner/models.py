@@ -18,7 +18,7 @@ from diffsynth.models.general_modules import AdaLayerNorm, RMSNorm, TimestepEmbe
 from diffsynth.models.qwen_image_dit import QwenEmbedRope, QwenImageDiT, QwenImageTransformerBlock
 from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
 from diffsynth.models.qwen_image_vae import QwenImageVAE
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import EditTunerError
 
@@ -123,9 +123,14 @@ def missing_files(component: str, folder: Path) -> list[str]:
 
 def _read_index(path: Path) -> dict[str, str]:
     try:
-        return json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise EditTunerError(f"{path}: not a valid safetensors index ({exc}); re-download that file") from None
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EditTunerError(f"{path}: not a valid safetensors index ({type(exc).__name__}: {exc}); re-download "
+                             "that file") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise EditTunerError(f"{path}: not a valid safetensors index (\"weight_map\" must map tensor names to "
+                             "file names); re-download that file")
+    return weight_map
 
 
 def weight_files(folder: Path, stem: str) -> list[Path]:
@@ -133,6 +138,26 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     if index.is_file():
         return [folder / name for name in sorted(set(_read_index(index).values()))]
     return [folder / f"{stem}.safetensors"]
+
+
+# What a weight file that is truncated (an interrupted download), empty or not safetensors at all raises.
+# SafetensorError subclasses neither OSError nor ValueError.
+_WEIGHT_FILE_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+
+
+def _bad_weight_file(path: Path, exc: BaseException) -> EditTunerError:
+    return EditTunerError(f"{path}: not a complete safetensors file ({exc}); an interrupted download leaves a "
+                          "truncated file: re-download that file")
+
+
+def check_weight_files(files: list[Path]) -> None:
+    """Open each file's header (cheap: no tensor is read), which is enough to catch a truncated download."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu"):
+                pass
+        except _WEIGHT_FILE_ERRORS as exc:
+            raise _bad_weight_file(path, exc) from None
 
 
 def read_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -143,8 +168,8 @@ def read_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> dic
                 for key in f.keys():
                     tensor = f.get_tensor(key)
                     state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise EditTunerError(f"{path}: cannot read safetensors ({exc}); re-download that file") from None
+        except _WEIGHT_FILE_ERRORS as exc:
+            raise _bad_weight_file(path, exc) from None
     return state
 
 
@@ -267,9 +292,10 @@ class ModelSource:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
 
         te_folder = self.folder("text_encoder")
+        check_weight_files(weight_files(te_folder, "model"))   # transformers' own error would not name the file
         try:
             hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(te_folder), dtype=dtype, local_files_only=True)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise EditTunerError(f"{te_folder}: cannot load the Qwen2.5-VL text encoder ({exc})") from None
         text_encoder = EditTextEncoder.wrap(hf).eval()
 

@@ -20,6 +20,7 @@ swapping it or changing its strength never touches the base, and removing it res
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output_dir, check_output_file, safe_filename, write_json
 from .cache import (DEFAULT_NEGATIVE_PROMPT, encode_images_and_prompt, fit_reference, make_encoding_pipe,
                     mask_to_latent_grid, reference_prompt_embedder)
 from .errors import EditTunerError
-from .images import ResizeConfig, load_mask, load_rgb
+from .images import MAX_ASPECT_RATIO, ResizeConfig, check_aspect_ratio, load_mask, load_rgb
 from .lora import PRESETS, load_lora_file
 from .models import ModelSource
 from .objectives import DiTDenoiser, dit_conditioning, sample_bridge
@@ -96,7 +97,12 @@ def sample_flow(denoiser, conditioning: dict, negative_conditioning: dict | None
 
     scheduler = FlowMatchScheduler("Qwen-Image")
     height, width = latent_shape[-2:]
-    scheduler.set_timesteps(steps, dynamic_shift_len=(height // 2) * (width // 2))
+    if steps == 1:
+        # The engine's schedule stretches its end by 1 / (1 - last sigma): 0/0 = NaN for one step (a black image).
+        # Its limit is the start, sigma 1: one Euler step from the noise to sigma 0.
+        scheduler.set_timesteps(1, sigmas=[1.0])
+    else:
+        scheduler.set_timesteps(steps, dynamic_shift_len=(height // 2) * (width // 2))
     latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
     for t in scheduler.timesteps:
         timestep = t.reshape(1).to(device=device, dtype=dtype)
@@ -152,12 +158,16 @@ class LoraHooks:
         self.path: Path | None = None
         self.strength = 0.0
 
-    def set(self, path: str | Path | None, strength: float = 1.0) -> None:
+    def set(self, path: str | Path | None, strength: float = 1.0,
+            state: dict[str, torch.Tensor] | None = None) -> None:
+        """Put the LoRA at ``path`` on (``state``: its ``load_lora_file`` result, when already read)."""
         self.remove()
         if path is None:
             return
+        if not math.isfinite(strength):
+            raise EditTunerError(f"--lora_strength {strength}: must be a finite number (1 = as trained)")
         weight = self.dit.proj_out.weight
-        fitted = check_lora_fits(self.dit, load_lora_file(path), path)
+        fitted = check_lora_fits(self.dit, state if state is not None else load_lora_file(path), path)
         for name, (a, b) in fitted.items():
             a, b = a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
             self.handles.append(self.dit.get_submodule(name).register_forward_hook(self._hook(a, b, strength)))
@@ -214,8 +224,26 @@ class Editor:
         self.embedder = reference_prompt_embedder(resize.vl_pixels)
         self.lora = LoraHooks(self.dit)
 
-    def set_lora(self, path: str | Path | None, strength: float = 1.0) -> None:
-        self.lora.set(path, strength)
+    def set_lora(self, path: str | Path | None, strength: float = 1.0,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+        self.lora.set(path, strength, state)
+
+    def check_references(self, references: list[Image.Image]) -> list[Image.Image]:
+        """The references sized for the model, refusing a shape the engine cannot take: more extreme than
+        MAX_ASPECT_RATIO, or one the vision encoder's resize (to --vl_pixels) squeezes to nothing or past it."""
+        refs = []
+        for number, reference in enumerate(references, 1):
+            check_aspect_ratio(*reference.size, f"reference {number}")
+            ref = fit_reference(reference, self.resize)
+            vl_size = self.embedder.calculate_dimensions(self.resize.vl_pixels, ref.width / ref.height)
+            if min(vl_size) <= 0 or max(vl_size) / min(vl_size) > MAX_ASPECT_RATIO:
+                raise EditTunerError(
+                    f"reference {number}: {reference.width}x{reference.height}, sized {ref.width}x{ref.height} for "
+                    f"the model, becomes {vl_size[0]}x{vl_size[1]} for the vision encoder at --vl_pixels "
+                    f"{self.resize.vl_pixels}, which it cannot take (at most {MAX_ASPECT_RATIO}:1, no empty side); "
+                    "crop it to a less extreme shape or raise --vl_pixels")
+            refs.append(ref)
+        return refs
 
     @torch.no_grad()
     def edit(self, references: list[Image.Image], prompt: str, sampler: SamplerConfig = SamplerConfig(),
@@ -225,7 +253,7 @@ class Editor:
         if not prompt.strip():
             raise EditTunerError("the prompt is empty; write the edit instruction")
         start = time.perf_counter()
-        refs = [fit_reference(r, self.resize) for r in references]
+        refs = self.check_references(references)
         size = refs[0].size
         pixel_mask = _prepare_mask(mask, size)
         encoded = encode_images_and_prompt(self.pipe, self.embedder, prompt, None, refs, None)
@@ -237,6 +265,11 @@ class Editor:
             encoded["white"] = self.pipe.vae.encode(self.pipe.preprocess_image(white))[0]
         latents = self.sample_latents(encoded, sampler, negative_prompt_emb,
                                       mask=mask_to_latent_grid(pixel_mask, size) if pixel_mask else None)
+        if not bool(torch.isfinite(latents).all()):
+            lora = f"the LoRA {self.lora.path} at strength {self.lora.strength:g}" if self.lora.path else "no LoRA"
+            raise EditTunerError(f"the edit came out as NaN or infinite values (with {lora}); nothing was written. "
+                                 "A LoRA too strong or broken is the usual cause: lower the strength or try another "
+                                 "LoRA or checkpoint")
         image = self.decode(latents)
         roundoff = None
         if pixel_mask is not None:
@@ -330,6 +363,20 @@ def sample_edit_latents(dit: torch.nn.Module, encoded: dict[str, torch.Tensor], 
 
 # ---- `edittuner sample` ----------------------------------------------------------------------------------------
 
+OUTPUT_FORMATS = {"": "PNG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                  ".tif": "TIFF", ".tiff": "TIFF"}
+SKIPPED_REPORT = "_skipped.json"   # in --output_dir: the dataset rows the last batch run could not edit
+
+
+def output_format(output: Path) -> str:
+    """The Pillow format an output file name asks for, or a clear error (checked before anything is loaded)."""
+    fmt = OUTPUT_FORMATS.get(Path(output).suffix.lower())
+    if fmt is None:
+        raise EditTunerError(f"--output {output}: {Path(output).suffix} is not an image type sample writes; end the "
+                             "name in .png, .jpg or .webp")
+    return fmt
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """One edit (``references`` + ``prompt`` -> ``output``) or a batch (``dataset_json`` -> ``output_dir``)."""
@@ -359,40 +406,90 @@ class SampleConfig:
                 raise EditTunerError("--prompt: empty; write the edit instruction")
             if self.output is None:
                 raise EditTunerError("--output: name the image file to write")
+            output_format(self.output)
         elif self.output_dir is None:
             raise EditTunerError("--dataset_json needs --output_dir (one image per row is written there)")
         if self.model_version not in PRESETS:
             raise EditTunerError(f"--model_version {self.model_version}: choose one of {sorted(PRESETS)}")
+        if not math.isfinite(self.lora_strength):
+            raise EditTunerError(f"--lora_strength {self.lora_strength}: must be a finite number (1 = as trained)")
+
+
+class RowsSkipped(EditTunerError):
+    """A batch wrote the rows it could and refused the others: ``written`` as sample_images returns it, ``skipped``
+    the refused rows ({row, id, reason}, also in ``<output_dir>/_skipped.json``)."""
+
+    def __init__(self, message: str, written: list, skipped: list[dict]):
+        super().__init__(message)
+        self.written, self.skipped = written, skipped
 
 
 def _save_image(image: Image.Image, output: Path) -> None:
-    fmt = (output.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
-    if fmt not in ("PNG", "JPEG", "WEBP", "BMP", "TIFF"):
-        raise EditTunerError(f"--output {output}: unknown image type; end it in .png, .jpg or .webp")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output) as tmp:
-        image.save(tmp, format=fmt)
+    fmt = output_format(output)
+    try:
+        with atomic_path(output) as tmp:
+            image.save(tmp, format=fmt)
+    except OSError as exc:
+        raise EditTunerError(f"{output}: writing failed ({exc.strerror or exc}); nothing was written there; free "
+                             "some space or choose another folder") from None
+
+
+def _read_inputs(paths, mask_path) -> tuple[list[Image.Image], Image.Image | None]:
+    """Decode one edit's references (refusing extreme shapes, with the file named) and its optional mask."""
+    references = []
+    for path in paths:
+        image = load_rgb(path)
+        check_aspect_ratio(*image.size, str(path))
+        references.append(image)
+    return references, load_mask(mask_path) if mask_path else None
 
 
 def sample_images(cfg: SampleConfig, progress: bool = True) -> list[tuple[Path, EditResult]]:
-    """Run `edittuner sample`: one edit, or one per dataset row (written as ``<id>.png``)."""
-    from tqdm import tqdm
+    """Run `edittuner sample`: one edit, or one per dataset row (written as ``<id>.png``, the id made safe).
 
+    Everything that can be checked without the model is checked before it loads: the outputs can be written, the
+    LoRA reads, the single edit's images decode. A batch decodes each row just before its edit; a row that cannot
+    be edited is skipped, the others are written, and then RowsSkipped names the skipped rows."""
     from .dataset import load_dataset
 
-    if cfg.dataset_json is not None:
-        rows = load_dataset(cfg.dataset_json, root=cfg.data_root)
-        jobs = [([load_rgb(p) for p in row.edit_images], row.prompt,
-                 load_mask(row.mask) if cfg.use_dataset_masks and row.mask else None,
-                 Path(cfg.output_dir) / f"{row.id}.png") for row in rows]
+    rows = load_dataset(cfg.dataset_json, root=cfg.data_root) if cfg.dataset_json is not None else None
+    if rows is None:
+        check_output_file(cfg.output, "--output")
+        references, mask = _read_inputs(cfg.references, cfg.mask)
     else:
-        jobs = [([load_rgb(p) for p in cfg.references], cfg.prompt, load_mask(cfg.mask) if cfg.mask else None,
-                 Path(cfg.output))]
+        check_output_dir(cfg.output_dir, "--output_dir")
+    lora_state = load_lora_file(cfg.lora) if cfg.lora is not None else None
     editor = Editor(cfg.model, cfg.model_version, cfg.resize, base_quantization=cfg.base_quantization)
-    editor.set_lora(cfg.lora, cfg.lora_strength)
-    written = []
-    for references, prompt, mask, output in tqdm(jobs, desc="sample", unit="image", disable=not progress or len(jobs) < 2):
-        result = editor.edit(references, prompt, cfg.sampler, mask)
+    editor.set_lora(cfg.lora, cfg.lora_strength, lora_state)
+    if rows is not None:
+        return _sample_rows(editor, rows, cfg, progress)
+    result = editor.edit(references, cfg.prompt, cfg.sampler, mask)
+    _save_image(result.image, Path(cfg.output))
+    return [(Path(cfg.output), result)]
+
+
+def _sample_rows(editor: Editor, rows: list, cfg: SampleConfig, progress: bool) -> list[tuple[Path, EditResult]]:
+    from tqdm import tqdm
+
+    output_dir = Path(cfg.output_dir)
+    written, skipped = [], []
+    for number, row in enumerate(tqdm(rows, desc="sample", unit="image", disable=not progress or len(rows) < 2)):
+        try:
+            references, mask = _read_inputs(row.edit_images, row.mask if cfg.use_dataset_masks else None)
+            result = editor.edit(references, row.prompt, cfg.sampler, mask)
+        except EditTunerError as exc:
+            skipped.append({"row": number, "id": row.id, "reason": str(exc)})
+            continue
+        output = output_dir / safe_filename(row.id, ".png")
         _save_image(result.image, output)
         written.append((output, result))
-    return written
+    report = output_dir / SKIPPED_REPORT
+    if not skipped:
+        report.unlink(missing_ok=True)   # from an earlier run: every row is written now
+        return written
+    write_json(report, skipped)
+    listed = "; ".join(f"row {s['row']} (id {s['id']!r}): {s['reason']}" for s in skipped[:5])
+    more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    raise RowsSkipped(f"--dataset_json {cfg.dataset_json}: {len(skipped)} of {len(rows)} rows skipped, "
+                      f"{len(written)} written to {output_dir}; every reason is in {report}: {listed}{more}",
+                      written, skipped)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
+from .atomic import json_safe
 from .errors import EditTunerError
 
 
@@ -30,8 +30,7 @@ class MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, record: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -6,13 +6,16 @@ same cache entry, timestep and noise, whatever the number of processes or where 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import time
-from contextlib import nullcontext
+import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -20,12 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path, write_json
+from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .batching import collate_conditioning, shape_groups
 from .cache import VALIDATION_SUBDIR, CacheReader
-from .checkpoint import load_state, resolve_resume, save_state, write_checkpoint
+from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_resume, save_state, write_checkpoint
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
-from .errors import EditTunerError
+from .errors import EditTunerError, check_seed
 from .images import ResizeConfig
 from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
 from .models import ModelSource
@@ -67,6 +70,7 @@ class TrainConfig:
     flow: FlowMatchConfig = field(default_factory=FlowMatchConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     resume: str | None = None
+    overwrite: bool = False                   # a fresh run may replace an earlier run in output_dir
     eval_samples: int = 8
     eval_every: int = 0
     deepspeed_config: Path | None = None      # a DeepSpeed JSON (accelerate_configs/zero3.json): drive ZeRO directly
@@ -121,6 +125,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise EditTunerError(message)
+        check_seed(self.seed)
         try:
             self.validation_sampler  # checked now, not when the first preview is due
         except EditTunerError as exc:
@@ -195,7 +200,7 @@ def seed_for_position(seed: int, position: int) -> int:
 
 
 class GracefulStop:
-    """SIGTERM/SIGINT finish the current step, write a checkpoint and exit cleanly."""
+    """SIGTERM/SIGINT finish the current step, write a checkpoint and exit cleanly; a second one stops at once."""
 
     def __init__(self):
         self.requested = False
@@ -207,6 +212,8 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested:  # a second signal: the user does not want to wait for the checkpoint
+            raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc):
@@ -295,18 +302,120 @@ def check_resume_layout(resume_dir: Path, trainer_state: dict, runtime) -> None:
                              "process count")
 
 
-def make_runtime(cfg: TrainConfig, mixed: str):
-    """accelerate (single device or DDP), or DeepSpeed ZeRO when a DeepSpeed config is named."""
+# What a resume must share with its checkpoint: the LoRA's shape, what the loss is, the optimizer, the numerics
+# and the data order. The rest may change on resume; RESUME_CHANGEABLE are the ones the optimizer holds, and
+# they take effect from the next step (steps, saving, evaluation, previews and levers are read as the run goes).
+RESUME_FIXED = ("model_version", "rank", "alpha", "lora_targets", "zero_cond_t", "objective", "optimizer", "seed",
+                "gradient_accumulation", "batch_size", "flow", "bridge")
+RESUME_CHANGEABLE = ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")
+
+
+def cache_identity_of(reader: CacheReader) -> str:
+    """The samples a run trains on (ids and file hashes), which its data order is a function of."""
+    records = [(r["id"], r.get("file_sha256") or r["file"]) for r in reader.records]
+    return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
+
+
+def run_settings(cfg: TrainConfig, mixed: str, reader: CacheReader | None) -> dict:
+    """What a checkpoint records for resume checks: the fixed settings and the changeable ones."""
+    data = cfg.to_json()
+    fixed = {**{k: data[k] for k in RESUME_FIXED}, "mixed_precision": mixed}
+    if reader is not None:
+        fixed["cache"] = cache_identity_of(reader)
+    return {"fixed": fixed, "settings": {k: data[k] for k in RESUME_CHANGEABLE}}
+
+
+def check_resume_settings(resume_dir: Path, state: dict, cfg: TrainConfig, current: dict) -> list[str]:
+    """Refuse a resume that changes what the checkpoint fixed, listing every difference at once; return the
+    changes allowed (new lr, warm-up, weight decay, clipping), which apply from the next step."""
+    if cfg.max_steps < state["step"]:
+        raise EditTunerError(f"--max_steps {cfg.max_steps}: the checkpoint {resume_dir} is already at step "
+                             f"{state['step']}; pass --max_steps {state['step']} or more, or resume an earlier "
+                             "checkpoint with --resume <run>/checkpoints/step-N")
+    saved = state.get("fixed")
+    if saved is None:
+        print(f"note: {resume_dir} was written before checkpoints recorded their settings; resuming unchecked")
+        return []
+    diffs = [f"{k}: checkpoint {json.dumps(saved.get(k))}, this run {json.dumps(v)}"
+             for k, v in current["fixed"].items() if k in saved and saved[k] != v]
+    if diffs:
+        raise EditTunerError(f"--resume {resume_dir}: this run differs from the checkpoint in settings a resume cannot "
+                             "change:\n  " + "\n  ".join(diffs) + "\nresume with the checkpoint's values, or start "
+                             "a new run (another --output_dir)")
+    before = state.get("settings", {})
+    return [f"{k} {before.get(k)} -> {v}" for k, v in current["settings"].items() if k in before and before[k] != v]
+
+
+def apply_setting_changes(lr_schedule, cfg: TrainConfig) -> None:
+    """A resumed run's new lr, warm-up and weight decay, from the next step on (the schedule keeps its count)."""
+    optimizer = lr_schedule.optimizer
+    lr_schedule.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    lrs = [base * fn(lr_schedule.last_epoch) for base, fn in zip(lr_schedule.base_lrs, lr_schedule.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group.update(initial_lr=cfg.learning_rate, lr=lr, weight_decay=cfg.weight_decay)
+    lr_schedule._last_lr = lrs
+
+
+def is_main_launch() -> bool:
+    """The main process of a launch, known before any runtime starts (torchrun/accelerate set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def run_folder(cfg: TrainConfig, dry_run: bool = False):
+    """The main process locks the run folder for the whole run, so a second run into it is refused, and a fresh
+    run claims it: a folder holding another run is refused (or replaced with --overwrite)."""
+    if not is_main_launch():
+        yield
+        return
+    created = not Path(cfg.output_dir).exists()
+    output_dir = check_output_dir(cfg.output_dir, "--output_dir")
+    try:
+        with FolderLock(output_dir, "training run"):
+            resume_dir = resolve_resume(cfg.resume, output_dir) if cfg.resume else None
+            own = resume_dir is not None and resume_dir.resolve().parent == (output_dir / "checkpoints").resolve()
+            if not own:
+                claim_run_dir(output_dir, cfg.overwrite, dry_run)
+            if resume_dir is not None:
+                check_resume_settings(resume_dir, read_trainer_state(resume_dir), cfg,
+                                      run_settings(cfg, resolve_mixed(cfg), None))
+            yield
+    finally:
+        if created and (dry_run or sys.exc_info()[0] is not None):
+            FolderLock.remove_empty(output_dir)   # a dry or refused run leaves no folder behind
+
+
+def resolve_mixed(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return cfg.mixed_precision
+
+
+def check_train(cfg: TrainConfig) -> None:
+    """`edittuner train --dry_run`: everything a run would refuse before its first step, with nothing loaded and
+    nothing written (the launchers run it before phase 1): flags, the output folder and its lock, the resume
+    checkpoint and its settings, the model folder, DeepSpeed's config and the levers on this machine."""
+    with run_folder(cfg, dry_run=True):
+        pass
+    cfg.model.check(("transformer",))
+    mixed = resolve_mixed(cfg)
+    deepspeed_config = deepspeed_settings(cfg, mixed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg.performance.check(device, torch.bfloat16 if mixed == "bf16" else torch.float32,
+                          zero_stage=deepspeed_config["zero_optimization"]["stage"] if deepspeed_config else None,
+                          batch_size=cfg.batch_size, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def deepspeed_settings(cfg: TrainConfig, mixed: str) -> dict | None:
+    """The DeepSpeed config this run uses (None: accelerate), after the refusals that depend on it."""
     deepspeed_config = cfg.deepspeed_config or deepspeed_config_from_env()
     if deepspeed_config is None:
-        return AccelerateRuntime(mixed, cpu=not torch.cuda.is_available())
+        return None
     if cfg.batch_size > 1:
         raise EditTunerError(
             f"--batch_size {cfg.batch_size} under DeepSpeed ZeRO ({deepspeed_config}): the engine counts one backward "
             "per micro-step of batch 1 (train_micro_batch_size_per_gpu 1); use --batch_size 1 with "
             "--gradient_accumulation, or accelerate_configs/ddp.yaml / a single process for --batch_size > 1")
-    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-        os.environ.pop(var, None)  # so that nothing below builds accelerate's own DeepSpeed plugin
     config = resolve_deepspeed_config(deepspeed_config, cfg.gradient_accumulation, bf16=mixed == "bf16",
                                       max_grad_norm=cfg.max_grad_norm)
     stage = config["zero_optimization"]["stage"]
@@ -316,18 +425,27 @@ def make_runtime(cfg: TrainConfig, mixed: str):
             "computed from the parameters each rank holds, and ZeRO gives every rank a different shard, so d would "
             "drift apart across ranks. Use accelerate_configs/ddp.yaml with prodigy_sf (d stays identical: every "
             "rank sees the same gradients), or --optimizer adamw with ZeRO-3.")
+    return config
+
+
+def make_runtime(cfg: TrainConfig, mixed: str):
+    """accelerate (single device or DDP), or DeepSpeed ZeRO when a DeepSpeed config is named."""
+    config = deepspeed_settings(cfg, mixed)
+    if config is None:
+        return AccelerateRuntime(mixed, cpu=not torch.cuda.is_available())
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        os.environ.pop(var, None)  # so that nothing below builds accelerate's own DeepSpeed plugin
     return DeepSpeedRuntime(config)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    # Around the whole run: under gradient checkpointing the backward pass runs the blocks again.
-    with attention_backend(cfg.performance.attention):
+    # The attention kernel around the whole run: under gradient checkpointing the backward runs the blocks again.
+    with run_folder(cfg), attention_backend(cfg.performance.attention):
         return _train(cfg, progress)
 
 
 def _train(cfg: TrainConfig, progress: bool) -> dict:
-    cuda = torch.cuda.is_available()
-    mixed = ("bf16" if cuda else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    mixed = resolve_mixed(cfg)
     accelerator = make_runtime(cfg, mixed)
     output_dir = Path(cfg.output_dir)
     resume_dir = resolve_resume(cfg.resume, output_dir) if cfg.resume else None
@@ -363,7 +481,9 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     scheduler = training_scheduler()
 
-    start_step = 0
+    start_step, last_loss = 0, float("nan")
+    settings = run_settings(cfg, mixed, reader)
+    run_id = uuid.uuid4().hex[:12]   # keep_last prunes this run's checkpoints only
 
     def averaged_weights():
         """Schedule-free optimizers train on an interpolation and keep the average apart: anything that reads the
@@ -372,8 +492,9 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
         return _ScheduleFreeEval(base_optimizer if cfg.optimizer == "prodigy_sf" else None, params)
 
     if resume_dir is not None:
-        trainer_state = json.loads((resume_dir / "trainer_state.json").read_text())
+        trainer_state = read_trainer_state(resume_dir)
         check_resume_layout(resume_dir, trainer_state, accelerator)
+        changes = check_resume_settings(resume_dir, trainer_state, cfg, settings)
         if accelerator.zero_stage:
             # Each rank's shard holds its fp32 master partition too: loading it restores the LoRA exactly.
             accelerator.load_optimizer_shard(optimizer, load_state(resume_dir, f"optimizer.rank{accelerator.process_index}"))
@@ -390,7 +511,12 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
                         p.copy_(kept)
         # The schedule's lambda is code, not state: load the counters only.
         lr_schedule.load_state_dict({**trainer_state["lr_schedule"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-        start_step = trainer_state["step"]
+        if changes:
+            apply_setting_changes(lr_schedule, cfg)
+            if accelerator.is_main_process:
+                print(f"resume from {resume_dir}: " + ", ".join(changes) + f" from step {trainer_state['step'] + 1}")
+        start_step, run_id = trainer_state["step"], trainer_state.get("run_id", run_id)
+        last_loss = last_loss if trainer_state.get("loss") is None else trainer_state["loss"]
 
     metadata = {"format": "diffsynth", "base_model": f"Qwen-Image-Edit-{cfg.model_version}",
                 "rank": str(cfg.rank), "alpha": str(cfg.alpha), "alpha_folded_into_lora_B": "true",
@@ -421,13 +547,14 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
             if view.training_view is not None:
                 save_state(tmp, "training_view", view.training_view)
             write_json(tmp / "trainer_state.json", {"step": step, "seed": cfg.seed, "processes": accelerator.num_processes,
-                                                    "zero_stage": accelerator.zero_stage,
+                                                    "zero_stage": accelerator.zero_stage, "run_id": run_id,
+                                                    "loss": last_loss, **settings,
                                                     "lr_schedule": {k: v for k, v in lr_schedule.state_dict().items()
                                                                     if k != "lr_lambdas"}})
         path = None
         if accelerator.is_main_process:
             try:
-                path = write_checkpoint(output_dir / "checkpoints", step, files, cfg.keep_last)
+                path = write_checkpoint(output_dir / "checkpoints", step, files, cfg.keep_last, run_id)
             finally:
                 if shards:
                     shutil.rmtree(shards, ignore_errors=True)
@@ -512,7 +639,6 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
     ga, batch = cfg.gradient_accumulation, cfg.batch_size
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="phase 2", unit="step",
                disable=not (progress and accelerator.is_main_process))
-    last_loss = float("nan")
     stopped_early, done = False, start_step
     denoiser.train()
     with GracefulStop() as stop:
@@ -545,11 +671,15 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
                         accelerator.backward(loss * len(group) / batch / ga)
                     total += losses.detach().float().sum() / batch
             grad_norm = accelerator.clip_grad_norm(params, cfg.max_grad_norm)
+            lr = lr_schedule.get_last_lr()[0]   # the lr this step used
             accelerator.optimizer_step(optimizer)
             lr_schedule.step()
-            last_loss = float(accelerator.reduce(total / ga, reduction="mean"))
+            # One reduce for the loss and the stop flag: a signal to any rank stops every rank at the same step.
+            loss_and_stop = accelerator.reduce(torch.stack([total / ga, torch.tensor(float(stop.requested),
+                                                                                     device=total.device)]), "mean")
+            last_loss, stop_now = float(loss_and_stop[0]), bool(loss_and_stop[1] > 0)
             step_time = time.perf_counter() - step_start
-            record = {"step": step + 1, "loss": last_loss, "lr": lr_schedule.get_last_lr()[0],
+            record = {"step": step + 1, "loss": last_loss, "lr": lr,
                       "grad_norm": grad_norm, "step_time_s": step_time, "samples_per_s": ga * world * batch / step_time}
             if cfg.optimizer == "prodigy_sf":
                 group = base_optimizer.param_groups[0]
@@ -567,9 +697,9 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
             bar.update()
             bar.set_postfix(loss=f"{last_loss:.4f}")
             done = step + 1
-            if done % cfg.save_every == 0 or done == cfg.max_steps or stop.requested:
+            if done % cfg.save_every == 0 or done == cfg.max_steps or stop_now:
                 save_checkpoint(done)
-            if stop.requested and done < cfg.max_steps:
+            if stop_now and done < cfg.max_steps:
                 stopped_early = True
                 break
     bar.close()

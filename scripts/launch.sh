@@ -41,8 +41,14 @@ else
 fi
 # Validation pairs: the generator's held-out split beside the dataset JSON, unless VALIDATION_JSON names others.
 VALIDATION_JSON="${VALIDATION_JSON-${DATASET_JSON%.json}_val.json}"
-CACHE_DIR="${CACHE_DIR:-data/cache/$(basename "$(dirname "$DATASET_JSON")")-$(basename "$DATASET_JSON" .json)}"
-OUTPUT_DIR="${OUTPUT_DIR:-train/${NAME}_lora}"
+DATA_NAME="$(basename "$(dirname "$DATASET_JSON")")-$(basename "$DATASET_JSON" .json)"
+CACHE_DIR="${CACHE_DIR:-data/cache/$DATA_NAME}"
+# A run folder per launcher and dataset (the demo: one per launcher); a folder holding another run is refused
+# by phase 2's check below unless RESUME=latest continues it or OVERWRITE=on replaces it.
+if [ -z "$MODEL_DIR" ]; then OUTPUT_DIR="${OUTPUT_DIR:-train/${NAME}_lora}"; else OUTPUT_DIR="${OUTPUT_DIR:-train/${NAME}_${DATA_NAME}_lora}"; fi
+RESUME="${RESUME:-}"
+# The tiny demo replaces its own earlier run when OUTPUT_DIR is the default (announced); real runs never do unless asked.
+if [ -z "$MODEL_DIR" ] && [ "$OUTPUT_DIR" = "train/${NAME}_lora" ]; then OVERWRITE="${OVERWRITE:-on}"; else OVERWRITE="${OVERWRITE:-off}"; fi
 NUM_PROCESSES="${NUM_PROCESSES:-1}"
 SEED="${SEED:-0}"
 export WANDB_PROJECT="${WANDB_PROJECT:-qwen-image}"
@@ -72,7 +78,7 @@ case "$OBJECTIVE" in flow|lbm) ;; *) fail "OBJECTIVE=$OBJECTIVE must be flow or 
 case "$OPTIMIZER" in adamw|prodigy_sf) ;; *) fail "OPTIMIZER=$OPTIMIZER must be adamw or prodigy_sf";; esac
 case "$ATTENTION" in auto|sdpa|flash|efficient|cudnn|math) ;; *) fail "ATTENTION=$ATTENTION must be auto, sdpa, flash, efficient, cudnn or math";; esac
 case "$BASE_QUANTIZATION" in none|int8|fp8) ;; *) fail "BASE_QUANTIZATION=$BASE_QUANTIZATION must be none, int8 or fp8";; esac
-for v in COMPILE OFFLOAD_BLOCKS; do case "${!v}" in on|off) ;; *) fail "$v=${!v} must be on or off";; esac; done
+for v in COMPILE OFFLOAD_BLOCKS OVERWRITE; do case "${!v}" in on|off) ;; *) fail "$v=${!v} must be on or off";; esac; done
 if [ "$HAS_GPU" = 0 ]; then  # the same refusals as `edittuner train`, before phase 1 spends any time
   [ "$BASE_QUANTIZATION" != fp8 ] || fail "BASE_QUANTIZATION=fp8 needs a CUDA GPU (Ada/Hopper) and none was found; use int8 or none"
   [ "$OFFLOAD_BLOCKS" = off ] || fail "OFFLOAD_BLOCKS=on moves block weights from host memory to a GPU and none was found; use OFFLOAD_BLOCKS=off"
@@ -109,17 +115,24 @@ elif [ -n "$VALIDATION_JSON" ] && [ "$VALIDATION_JSON" != "${DATASET_JSON%.json}
 fi
 
 RESIZE_ARGS=(--max_pixels "$MAX_PIXELS")
-LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" -m edittuner)
+# edittuner.launch is accelerate's launcher keeping the workers' exit status (2 for a clear error) and no traceback.
+LAUNCH=("$PYTHON" -m edittuner.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" -m edittuner)
+
+TRAIN_ARGS=(--cache_dir "$CACHE_DIR" --output_dir "$OUTPUT_DIR" --model_version "$PRESET" --max_steps "$STEPS"
+  --learning_rate "$LR" --rank "$RANK" --seed "$SEED" --save_every "$SAVE_EVERY"
+  --objective "$OBJECTIVE" --optimizer "$OPTIMIZER" "${LBM_ARGS[@]}" "${PREVIEW_ARGS[@]}")
+[ -z "$GRAD_ACCUM" ] || TRAIN_ARGS+=(--gradient_accumulation "$GRAD_ACCUM")
+[ "$BATCH_SIZE" = 1 ] || TRAIN_ARGS+=(--batch_size "$BATCH_SIZE")
+[ -z "$RESUME" ] || TRAIN_ARGS+=(--resume "$RESUME")
+[ "$OVERWRITE" = off ] || TRAIN_ARGS+=(--overwrite)
+TRAIN_ARGS+=(--attention "$ATTENTION" --compile "$COMPILE" --base_quantization "$BASE_QUANTIZATION" --offload_blocks "$OFFLOAD_BLOCKS")
+TRAIN_ARGS+=("${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}" "$@")
+# Phase 2's own checks (every flag, the output folder, the model folder) before phase 1 spends any time.
+"$PYTHON" -m edittuner train "${TRAIN_ARGS[@]}" --dry_run || exit $?
 
 echo "== phase 1: encoding $DATASET_JSON into $CACHE_DIR"
 "${LAUNCH[@]}" precompute --dataset_json "$DATASET_JSON" --cache_dir "$CACHE_DIR" --model_version "$PRESET" \
   "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}" "${VALIDATION_ARGS[@]}"
 
 echo "== phase 2: training the DiT LoRA ($OBJECTIVE, $OPTIMIZER) into $OUTPUT_DIR"
-TRAIN_ARGS=(--cache_dir "$CACHE_DIR" --output_dir "$OUTPUT_DIR" --model_version "$PRESET" --max_steps "$STEPS"
-  --learning_rate "$LR" --rank "$RANK" --seed "$SEED" --save_every "$SAVE_EVERY"
-  --objective "$OBJECTIVE" --optimizer "$OPTIMIZER" "${LBM_ARGS[@]}" "${PREVIEW_ARGS[@]}")
-[ -z "$GRAD_ACCUM" ] || TRAIN_ARGS+=(--gradient_accumulation "$GRAD_ACCUM")
-[ "$BATCH_SIZE" = 1 ] || TRAIN_ARGS+=(--batch_size "$BATCH_SIZE")
-TRAIN_ARGS+=(--attention "$ATTENTION" --compile "$COMPILE" --base_quantization "$BASE_QUANTIZATION" --offload_blocks "$OFFLOAD_BLOCKS")
-"${LAUNCH[@]}" train "${TRAIN_ARGS[@]}" "${MODEL_ARGS[@]}" "${RESIZE_ARGS[@]}" "$@"
+"${LAUNCH[@]}" train "${TRAIN_ARGS[@]}"
