@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .errors import EditTunerError  # noqa: E402
+from .lora import DEFAULT_MODEL_VERSION, PRESETS  # noqa: E402
 from .performance import BASE_QUANTIZATION  # noqa: E402
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, Editor, SamplerConfig  # noqa: E402
 
@@ -187,6 +188,7 @@ class EditSession:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.lora_key: tuple | None = None      # (path, mtime, strength) of the LoRA on the editor, None = base
         self.lora_loads = 0                     # how often set_lora actually ran (tests and the status line)
+        self.lora_notes: tuple[str, ...] = ()   # warnings of the LoRA's version choice (flags overriding it)
         self.edits = 0
         self._lock = threading.Lock()
 
@@ -213,10 +215,11 @@ class EditSession:
             return
         self.lora_key = None  # set_lora removes the previous LoRA first, even when the new one is refused
         try:
-            self.editor.set_lora(path, float(strength))
+            notes = self.editor.set_lora(path, float(strength))
         except EditTunerError as exc:
-            self.editor.set_lora(None)
+            self.lora_notes = self.editor.set_lora(None)
             raise EditTunerError(str(exc).replace(f"--lora {path}", f"LoRA {choice}")) from None
+        self.lora_notes = tuple(note.replace(str(path), f"LoRA {choice}") for note in notes)
         self.lora_key = key
         self.lora_loads += 1
 
@@ -246,7 +249,9 @@ class EditSession:
         status = (f"done in {result.seconds:.2f} s (request {time.perf_counter() - started:.2f} s): "
                   f"{result.image.width}x{result.image.height}, {config.sampler} {config.steps} steps, "
                   f"{'guidance ' + format(config.guidance, 'g') + ', ' if config.sampler == 'flow' else ''}"
-                  f"seed {config.seed}, {lora_text}, {len(references)} reference(s)")
+                  f"seed {config.seed}, {lora_text}, {len(references)} reference(s), "
+                  f"{self.editor.preset.base_model} with zero_cond_t {'on' if self.editor.zero_cond_t else 'off'}"
+                  + "".join(f"; warning: {note}" for note in self.lora_notes))
         if mask is not None:
             share = float(np.asarray(mask).mean() / 255 * 100)
             status += (f"; masked ({share:.0f}% of the image regenerated): outside the mask the VAE round trip "
@@ -330,7 +335,7 @@ def build_app(session: EditSession, title: str = "edittuner: try your LoRA") -> 
 # ---- command line ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_args, add_resize_args
+    from .cli import _on_off, add_model_args, add_resize_args
     parser = argparse.ArgumentParser(prog="app_gradio.py", description="Gradio app: edit an image with the base "
                                      "model and a LoRA from the run outputs")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}, this "
@@ -339,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", default=None, help="user:pass required to open the app")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--train_dir", default="train", help="where LoRAs are listed from: <train_dir>/**/lora*.safetensors")
-    parser.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="sets zero_cond_t (2511 on)")
+    parser.add_argument("--model_version", default=None, choices=sorted(PRESETS),
+                        help=f"prompt template, references taken and zero_cond_t (default: the version the chosen "
+                             f"LoRA was trained for, from its metadata, else {DEFAULT_MODEL_VERSION})")
+    parser.add_argument("--zero_cond_t", type=_on_off, default=None,
+                        help="on/off (default: as the chosen LoRA was trained, else the version's preset)")
     parser.add_argument("--max_upload_megapixels", type=float, default=MAX_UPLOAD_PIXELS / 1e6,
                         help=f"refuse larger uploads (default {MAX_UPLOAD_PIXELS / 1e6:g})")
     parser.add_argument("--base_quantization", default="none", choices=list(BASE_QUANTIZATION),
@@ -362,7 +371,7 @@ def load_editor(args) -> Editor:
     from .cli import resize_from_args
     from .models import model_source_from_args
     return Editor(model_source_from_args(args), args.model_version, resize_from_args(args),
-                  base_quantization=args.base_quantization)
+                  base_quantization=args.base_quantization, zero_cond_t=args.zero_cond_t)
 
 
 def main(argv=None) -> int:

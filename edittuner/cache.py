@@ -1,8 +1,8 @@
 """Phase 1: encode every sample once into a cache of safetensors files plus a JSON manifest.
 
 Per sample, ``samples/<id>.safetensors`` holds:
-    prompt_emb      (L, D)     Qwen2.5-VL hidden states of the engine's multi-image edit template,
-                               with the references as vision context ("Picture N: ...")
+    prompt_emb      (L, D)     Qwen2.5-VL hidden states of the engine's edit template for the model version
+                               (PROMPT_TEMPLATES), with the references as vision context
     target          (16, h, w) VAE latents of the target
     ref.K           (16, h_k, w_k) VAE latents of reference K (K = 0, 1, 2)
     white           (16, h, w) VAE latents of a pure-white image the size of the target (bridge training)
@@ -39,6 +39,7 @@ from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .dataset import Sample, load_dataset
 from .errors import EditTunerError
 from .images import ResizeConfig, check_aspect_ratio, fit_size, load_mask, load_rgb, probe_image, resize_to
+from .lora import DEFAULT_MODEL_VERSION, PRESETS
 from .models import Encoders, ModelSource
 
 CACHE_FORMAT = 1
@@ -50,14 +51,45 @@ REFUSED = "refused_rows.json"          # rows phase 1 could not encode, with the
 SHOWN_REFUSALS = 10                    # refused rows named in the error message itself
 
 
-def template_identity() -> str:
-    """The engine's prompt code and version: if either changes, old prompt embeddings are stale."""
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One of the engine's two prompt paths (``QwenImageUnit_PromptEmbedder.process``), a Preset's prompt_template."""
+
+    engine_function: str    # the unit's method that encodes it; its source is part of the cache identity
+    one_image: bool         # the unit gets one PIL image, not a list
+
+
+# "multi" (2509, 2511): a list -> encode_prompt_edit_multi: "Picture N: <image>" per reference, each resized by the
+#   unit to --vl_pixels (the engine's 384^2) for the Qwen2.5-VL encoder.
+# "single" (the original Qwen-Image-Edit): one PIL image -> encode_prompt_edit: the image without a prefix and without
+#   a resize: the engine's pipeline hands the unit the reference its EditImageEmbedder sized for the VAE, so the
+#   vision encoder sees the very image whose latents the DiT gets.
+PROMPT_TEMPLATES = {"multi": PromptTemplate("encode_prompt_edit_multi", one_image=False),
+                    "single": PromptTemplate("encode_prompt_edit", one_image=True)}
+# Samples cached before their records named the template were all encoded with this one.
+LEGACY_PROMPT_TEMPLATE = "multi"
+
+
+def template_identity(prompt_template: str | None = None) -> str:
+    """The engine's prompt code for ``prompt_template`` (default: the default version's) and the engine version:
+    if either changes, old prompt embeddings are stale. The two templates hash different code, so their caches
+    never pass for each other."""
     import diffsynth
     from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder
 
-    source = inspect.getsource(QwenImageUnit_PromptEmbedder.encode_prompt_edit_multi)
+    template = PROMPT_TEMPLATES[prompt_template or PRESETS[DEFAULT_MODEL_VERSION].prompt_template]
+    source = inspect.getsource(getattr(QwenImageUnit_PromptEmbedder, template.engine_function))
     version = getattr(diffsynth, "__version__", None) or _dist_version("diffsynth")
     return f"diffsynth-{version}:" + hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def template_of(identity: dict) -> str | None:
+    """Which of PROMPT_TEMPLATES a cache identity's prompts were encoded with (None: another engine version)."""
+    return next((name for name in PROMPT_TEMPLATES if identity.get("templates") == template_identity(name)), None)
+
+
+def _versions_using(prompt_template: str) -> str:
+    return " / ".join(name for name, preset in sorted(PRESETS.items()) if preset.prompt_template == prompt_template)
 
 
 def _dist_version(name: str) -> str:
@@ -65,8 +97,8 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-def cache_identity(encoder_fingerprint: str | None, resize: ResizeConfig) -> dict:
-    return {"format": CACHE_FORMAT, "encoders": encoder_fingerprint, "templates": template_identity(),
+def cache_identity(encoder_fingerprint: str | None, resize: ResizeConfig, prompt_template: str | None = None) -> dict:
+    return {"format": CACHE_FORMAT, "encoders": encoder_fingerprint, "templates": template_identity(prompt_template),
             "resize": resize.as_dict()}
 
 
@@ -102,13 +134,35 @@ def make_encoding_pipe(encoders: Encoders, device, dtype):
     return pipe
 
 
-def reference_prompt_embedder(vl_pixels: int):
-    """The engine's prompt unit, with the reference resize for the VL encoder taken from ``vl_pixels``."""
+def reference_prompt_embedder(vl_pixels: int, prompt_template: str | None = None):
+    """The engine's prompt unit for ``prompt_template`` (PROMPT_TEMPLATES; default: the default version's), with the
+    multi template's reference resize for the VL encoder taken from ``vl_pixels``."""
     from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder
 
+    name = prompt_template or PRESETS[DEFAULT_MODEL_VERSION].prompt_template
+    template = PROMPT_TEMPLATES[name]
+
     class ReferencePromptEmbedder(QwenImageUnit_PromptEmbedder):
+        prompt_template = name
+
         def resize_image(self, image, target_area=None):
             return super().resize_image(image, target_area=vl_pixels)
+
+        def encode(self, pipe, prompt: str, refs: list[Image.Image]) -> torch.Tensor:
+            """prompt_emb (L, D) of ``prompt`` with ``refs`` as vision context, by the engine's path for the template."""
+            if template.one_image and len(refs) != 1:
+                raise EditTunerError(f"the engine's {name}-image prompt template takes one reference, not {len(refs)}")
+            edit_image = refs[0] if template.one_image else list(refs)
+            return self.process(pipe, prompt, edit_image=edit_image)["prompt_emb"][0]
+
+        def vision_size(self, width: int, height: int) -> tuple[int, int]:
+            """The size a reference of this size reaches the Qwen2.5-VL encoder at."""
+            return (width, height) if template.one_image else self.calculate_dimensions(vl_pixels, width / height)
+
+        def vision_note(self) -> str:
+            return ("as sized for the model (the engine's single-image template gives it to the Qwen2.5-VL encoder "
+                    "unresized)") if template.one_image else \
+                f"resized by the engine for the Qwen2.5-VL encoder at --vl_pixels {vl_pixels}"
 
     return ReferencePromptEmbedder()
 
@@ -143,11 +197,10 @@ def encode_images_and_prompt(pipe, embedder, prompt: str, target: Image.Image | 
                              mask: Image.Image | None, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
     """Everything phase 2 needs for one sample. ``target`` may be None at inference time; ``negative_prompt``
     (validation samples) adds the CFG negative's embeddings, encoded with the same references."""
-    prompt_emb = embedder.process(pipe, prompt, edit_image=refs)["prompt_emb"][0]
     encode = lambda img: pipe.vae.encode(pipe.preprocess_image(img))[0]  # noqa: E731
-    tensors = {"prompt_emb": prompt_emb}
+    tensors = {"prompt_emb": embedder.encode(pipe, prompt, refs)}
     if negative_prompt is not None:
-        tensors["negative_prompt_emb"] = embedder.process(pipe, negative_prompt, edit_image=refs)["prompt_emb"][0]
+        tensors["negative_prompt_emb"] = embedder.encode(pipe, negative_prompt, refs)
     for k, ref in enumerate(refs):
         tensors[f"ref.{k}"] = encode(ref)
     if target is not None:
@@ -164,12 +217,20 @@ class PrecomputeConfig:
     cache_dir: Path
     model: ModelSource
     resize: ResizeConfig
-    model_version: str = "2511"
+    model_version: str = DEFAULT_MODEL_VERSION
     dtype: str = "auto"
     overwrite: bool = False
     validation_json: Path | None = None     # encoded into <cache_dir>/validation for phase 2's previews
     negative_prompt: str | None = None      # set for the validation cache: CFG previews need its embeddings
     data_root: Path | None = None           # every dataset path must lie inside it (default: EDITTUNER_DATA_ROOT)
+
+    def __post_init__(self):
+        if self.model_version not in PRESETS:
+            raise EditTunerError(f"--model_version {self.model_version}: choose one of {', '.join(sorted(PRESETS))}")
+
+    @property
+    def prompt_template(self) -> str:
+        return PRESETS[self.model_version].prompt_template
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -195,7 +256,11 @@ def _existing_record(path: Path, content: dict, expected_file_sha256: str | None
         return None
     if expected_file_sha256 is not None and file_sha256 != expected_file_sha256:
         return None
-    return (record, file_sha256) if record.get("hashes") == content else None
+    hashes = record.get("hashes")
+    if not isinstance(hashes, dict):
+        return None
+    hashes = {"prompt_template": LEGACY_PROMPT_TEMPLATE, **hashes}
+    return (record, file_sha256) if hashes == content else None
 
 
 def _previous_file_hashes(cache_dir: Path) -> dict[str, str]:
@@ -229,10 +294,14 @@ def check_validation_overlap(train: list[Sample], validation: list[Sample], trai
             "<name>_val.json from an earlier split is the usual cause)")
 
 
-def row_refusal(sample: Sample, resize: ResizeConfig, embedder) -> str | None:
-    """Why phase 1 cannot encode this row, read from its image headers; None when it can. Refused: an unreadable
-    image, an aspect ratio the engine cannot take (each image as it is, and each reference as the engine resizes it
-    for the Qwen2.5-VL encoder at --vl_pixels), a mask whose size is not the target's."""
+def row_refusal(sample: Sample, resize: ResizeConfig, embedder, model_version: str | None = None) -> str | None:
+    """Why phase 1 cannot encode this row, read from its image headers; None when it can. Refused: more references
+    than ``model_version`` takes, an unreadable image, an aspect ratio the engine cannot take (each image as it is,
+    and each reference as it reaches the Qwen2.5-VL encoder), a mask whose size is not the target's."""
+    if model_version is not None:
+        too_many = PRESETS[model_version].reference_refusal(len(sample.edit_images))
+        if too_many is not None:
+            return f"edit_image lists {too_many}"
     try:
         target = probe_image(sample.image)
         check_aspect_ratio(target.width, target.height, f"target {sample.image}")
@@ -241,9 +310,8 @@ def row_refusal(sample: Sample, resize: ResizeConfig, embedder) -> str | None:
             what = f"reference edit_image[{k}] {path}"
             check_aspect_ratio(info.width, info.height, what)
             fitted = fit_size(info.width, info.height, resize.ref_max_pixels or resize.max_pixels, resize.multiple)
-            vl_size = embedder.calculate_dimensions(resize.vl_pixels, fitted[0] / fitted[1])
-            check_aspect_ratio(*vl_size, f"{what} ({info.width}x{info.height}) resized by the engine for the "
-                                         f"Qwen2.5-VL encoder at --vl_pixels {resize.vl_pixels}")
+            check_aspect_ratio(*embedder.vision_size(*fitted),
+                               f"{what} ({info.width}x{info.height}) {embedder.vision_note()}")
         if sample.mask is not None:
             mask = probe_image(sample.mask)
             if (mask.width, mask.height) != (target.width, target.height):
@@ -291,6 +359,13 @@ def _claim_cache_dir(cfg: PrecomputeConfig, identity: dict, state) -> None:
     identity_path = cache_dir / IDENTITY
     if identity_path.is_file():
         existing = json.loads(identity_path.read_text())
+        cached_template = template_of(existing)
+        if cached_template not in (None, cfg.prompt_template) and not cfg.overwrite:
+            raise EditTunerError(
+                f"cache {cache_dir} holds prompts encoded with the engine's {cached_template}-image template "
+                f"(--model_version {_versions_using(cached_template)}), but --model_version {cfg.model_version} needs "
+                f"the {cfg.prompt_template}-image template. Use another --cache_dir, or pass --overwrite to "
+                "re-encode this one.")
         if existing != identity and not cfg.overwrite:
             raise EditTunerError(
                 f"cache {cache_dir} was made with other encoders or resize settings:\n"
@@ -314,11 +389,11 @@ def _plan(cfg: PrecomputeConfig, rows: list[tuple[int, Sample]], embedder):
     previous = _previous_file_hashes(cache_dir)
     todo, file_hashes, refused, reused = [], {}, [], 0
     for row, sample in rows:
-        reason = row_refusal(sample, cfg.resize, embedder)
+        reason = row_refusal(sample, cfg.resize, embedder, cfg.model_version)
         if reason is not None:
             refused.append({"row": row, "id": sample.id, "reason": reason})
             continue
-        hashes = source_hashes(sample)
+        hashes = {**source_hashes(sample), "prompt_template": cfg.prompt_template}
         if cfg.negative_prompt is not None:
             hashes["negative_prompt"] = cfg.negative_prompt
         path = cache_dir / "samples" / sample_filename(sample.id)
@@ -382,10 +457,10 @@ def _gather(state, cache_dir: Path, file_hashes: dict, refused: list) -> tuple[d
 def _encode_set(cfg: PrecomputeConfig, samples: list[Sample], state, progress: bool) -> dict:
     """Phase 1 for one dataset JSON into ``cfg.cache_dir``: the manifest only when no row was refused."""
     cache_dir = Path(cfg.cache_dir)
-    identity = cache_identity(cfg.model.encoder_fingerprint(), cfg.resize)
+    identity = cache_identity(cfg.model.encoder_fingerprint(), cfg.resize, cfg.prompt_template)
     _claim_cache_dir(cfg, identity, state)
     dtype = _resolve_dtype(cfg.dtype, state.device)
-    embedder = reference_prompt_embedder(cfg.resize.vl_pixels)
+    embedder = reference_prompt_embedder(cfg.resize.vl_pixels, cfg.prompt_template)
     rows = list(enumerate(samples))[state.process_index::state.num_processes]
     todo, file_hashes, refused, reused = _plan(cfg, rows, embedder)
     start = time.perf_counter()
@@ -465,18 +540,32 @@ class CacheReader:
             raise EditTunerError(f"cache {self.cache_dir} was made with other encoders ({identity.get('encoders')}) "
                                  f"than this run's model ({expected_encoders}); re-run phase 1 with this model "
                                  "into a new --cache_dir")
-        cached_version = self.manifest.get("model_version")
-        if expected_model_version is not None and cached_version != expected_model_version:
+        self._check_version(identity, expected_model_version)
+        self.records = self.manifest["samples"]
+        self._verified: set[int] = set()   # files whose bytes matched file_sha256 (checked once per process)
+
+    def _check_version(self, identity: dict, expected_model_version: str | None) -> None:
+        """Refuse prompts encoded by another engine version or with another template than the run's version needs,
+        and a manifest written for another version (whose samples a phase-1 re-run then reuses)."""
+        cached_version, cached_template = self.manifest.get("model_version"), template_of(identity)
+        if cached_template is None:
+            raise EditTunerError(f"cache {self.cache_dir} was made with other prompt templates "
+                                 f"({identity.get('templates')}, now {template_identity()}); re-run phase 1")
+        if expected_model_version is None:
+            return
+        expected_template = PRESETS[expected_model_version].prompt_template
+        if cached_template != expected_template:
+            raise EditTunerError(
+                f"cache {self.cache_dir} was made for --model_version {cached_version}, whose prompts use the engine's "
+                f"{cached_template}-image template; --model_version {expected_model_version} needs the "
+                f"{expected_template}-image template: run `edittuner precompute --model_version "
+                f"{expected_model_version}` into a new --cache_dir, or train with --model_version {cached_version}")
+        if cached_version != expected_model_version:
             raise EditTunerError(
                 f"cache {self.cache_dir} was made for --model_version {cached_version}, but this run trains "
                 f"--model_version {expected_model_version}; re-run `edittuner precompute --model_version "
-                f"{expected_model_version}` on this --cache_dir (it reuses every encoded sample and only rewrites the "
-                f"manifest), or train with --model_version {cached_version}")
-        if identity.get("templates") != template_identity():
-            raise EditTunerError(f"cache {self.cache_dir} was made with other prompt templates "
-                                 f"({identity.get('templates')}, now {template_identity()}); re-run phase 1")
-        self.records = self.manifest["samples"]
-        self._verified: set[int] = set()   # files whose bytes matched file_sha256 (checked once per process)
+                f"{expected_model_version}` on this --cache_dir (it reuses every encoded sample and only rewrites "
+                f"the manifest), or train with --model_version {cached_version}")
 
     def __len__(self) -> int:
         return len(self.records)

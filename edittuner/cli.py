@@ -7,7 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from . import defaults
 from .errors import EditTunerError, check_seed
+from .lora import DEFAULT_MODEL_VERSION, PRESETS
 from .performance import ATTENTION, BASE_QUANTIZATION
 
 
@@ -160,7 +162,8 @@ def cmd_sample(args) -> None:
                        output_dir=Path(args.output_dir) if args.output_dir else None,
                        use_dataset_masks=args.use_dataset_masks, model=model_source_from_args(args),
                        data_root=Path(args.data_root) if args.data_root else None,
-                       model_version=args.model_version, lora=Path(args.lora) if args.lora else None,
+                       model_version=args.model_version, zero_cond_t=args.zero_cond_t,
+                       lora=Path(args.lora) if args.lora else None,
                        lora_strength=args.lora_strength, sampler=sampler, resize=resize_from_args(args),
                        base_quantization=args.base_quantization)
     for output, result in sample_images(cfg):
@@ -202,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("precompute", help="phase 1: encode prompts (with references) and latents into a cache")
     p.add_argument("--dataset_json", required=True)
     p.add_argument("--cache_dir", required=True)
-    p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="recorded in the manifest")
+    p.add_argument("--model_version", default=DEFAULT_MODEL_VERSION, choices=sorted(PRESETS),
+                   help="sets the prompt template and the references a row may have; recorded in the manifest")
     p.add_argument("--cache_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="re-encode a cache made with other settings")
@@ -217,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="phase 2: LoRA-train the DiT from a phase-1 cache")
     p.add_argument("--cache_dir", required=True)
     p.add_argument("--output_dir", required=True, help="run directory (config.json, metrics.jsonl, checkpoints/, lora.safetensors)")
-    p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="preset: LoRA targets, zero_cond_t, accumulation")
+    p.add_argument("--model_version", default=DEFAULT_MODEL_VERSION, choices=sorted(PRESETS),
+                   help="preset: LoRA targets, zero_cond_t, accumulation")
     p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--objective", default="flow", choices=["flow", "lbm"], help="flow matching (default) or Latent Bridge Matching")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "prodigy_sf"],
@@ -235,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero_cond_t", type=_on_off, default=None, help="on/off; default from the preset (2511 on, 2509 off)")
     p.add_argument("--lora_targets", default=None, help="comma-separated module suffixes (default from the preset)")
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (default 500)")
+    p.add_argument("--save_every", type=int, default=defaults.SAVE_EVERY,
+                   help=f"checkpoint every N steps (default {defaults.SAVE_EVERY})")
     p.add_argument("--keep_last", type=int, default=None, help="keep only the newest K checkpoints")
     p.add_argument("--gradient_checkpointing", type=_on_off, default=True, help="on/off (default on)")
     p.add_argument("--mixed_precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), no, bf16")
@@ -303,7 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="batch mode output folder")
     p.add_argument("--use_dataset_masks", action="store_true", help="batch mode: use each row's back_mask as --mask")
     p.add_argument("--data_root", default=None, help=DATA_ROOT_HELP)
-    p.add_argument("--model_version", default="2511", choices=["2509", "2511"], help="sets zero_cond_t (2511 on)")
+    p.add_argument("--model_version", default=None, choices=sorted(PRESETS),
+                   help=f"prompt template, references taken and zero_cond_t (default: the version the --lora was "
+                        f"trained for, from its metadata, else {DEFAULT_MODEL_VERSION}); a warning where it overrides "
+                        "the LoRA's")
+    p.add_argument("--zero_cond_t", type=_on_off, default=None,
+                   help="on/off (default: as the --lora was trained, from its metadata, else the version's preset); a "
+                        "warning where it overrides the LoRA's")
     p.add_argument("--lora", default=None, help="LoRA file (e.g. train/<run>/lora.safetensors)")
     p.add_argument("--lora_strength", type=float, default=1.0)
     p.add_argument("--sampler", default="flow", choices=["flow", "bridge"],

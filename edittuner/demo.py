@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from .atomic import write_json
 from .dataset import GenerateConfig, generate_dataset_json
 
+# The rows with one reference, for versions that take one (Qwen-Image-Edit.sh's demo): <name>.json, <name>_val.json.
+SINGLE_REFERENCE = "dataset_single_ref"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "moon")
 SWATCHES = ((220, 40, 40), (40, 160, 60), (50, 80, 220), (230, 180, 30))
 
@@ -66,9 +70,16 @@ def _write_pairs(raw: Path, pairs: list[tuple[str, Image.Image]], first_index: i
             swatch.save(raw / "source_2" / f"{stem}.png")
 
 
+def _single_reference_copy(dataset: Path, output: Path) -> None:
+    """The rows of a dataset JSON that have one reference (same folder, so the relative paths stay valid)."""
+    rows = json.loads(dataset.read_text(encoding="utf-8"))
+    write_json(output, [row for row in rows if len(row["edit_image"]) == 1])
+
+
 def make_demo_dataset(out: Path, size: int = 96) -> str:
     """Write out/raw/{target,source,source_2,mask}/ and out/dataset.json, plus held-out validation pairs (mirrored
-    photos with other edits and masks) in out/raw_val/ and out/dataset_val.json; return the generator's summary."""
+    photos with other edits and masks) in out/raw_val/ and out/dataset_val.json, and their one-reference rows in
+    out/dataset_single_ref.json and out/dataset_single_ref_val.json; return the generator's summary."""
     out = Path(out)
     _write_pairs(out / "raw", [(f"{i:02d}_{name}", _photo(name, size)) for i, name in enumerate(PHOTOS)], 0)
     # Validation: mirrored photos, other masks; invert on the astronaut (trained: grey), a new swatch on the coffee.
@@ -78,4 +89,6 @@ def make_demo_dataset(out: Path, size: int = 96) -> str:
                           progress=False)
     report = generate_dataset_json(GenerateConfig(raw_dir=out / "raw", output=out / "dataset.json", min_size=32),
                                    progress=False)
+    for name in ("dataset", "dataset_val"):
+        _single_reference_copy(out / f"{name}.json", out / f"{name.replace('dataset', SINGLE_REFERENCE)}.json")
     return report.summary()

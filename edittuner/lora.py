@@ -38,19 +38,46 @@ BASE_TARGETS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"
 
 @dataclass(frozen=True)
 class Preset:
-    """What a model version trains by default."""
+    """What a model version trains by default, and what it takes as input.
+
+    ``max_references``: reference images per sample. ``prompt_template``: how the engine's prompt unit gets them
+    (``cache.PROMPT_TEMPLATES``): "multi" = a list, the "Picture N:" template; "single" = one image, the original
+    Qwen-Image-Edit's template."""
 
     name: str
     lora_targets: tuple[str, ...]
     zero_cond_t: bool
     gradient_accumulation: int
+    max_references: int = 3
+    prompt_template: str = "multi"
+
+    @property
+    def base_model(self) -> str:
+        """The name the LoRA file's metadata records (``base_model``)."""
+        return f"Qwen-Image-Edit-{self.name}"
+
+    def reference_refusal(self, count: int) -> str | None:
+        """Why ``count`` reference images do not fit this version; None when they do."""
+        if 1 <= count <= self.max_references:
+            return None
+        fitting = [name for name, preset in sorted(PRESETS.items()) if preset.max_references >= count]
+        way_out = f"; drop the extra references, or use --model_version {' or '.join(fitting)}" \
+            if count > self.max_references and fitting else ""
+        takes = "exactly 1" if self.max_references == 1 else f"1 to {self.max_references}"
+        return (f"{count} reference image(s), but {self.base_model} (--model_version {self.name}) takes {takes} "
+                f"(the first is the one edited){way_out}")
 
 
 PRESETS = {
+    # The original Qwen-Image-Edit (August 2025): one reference, the engine's single-image prompt template; LoRA
+    # targets as DiffSynth-Studio's Qwen-Image-Edit LoRA example.
+    "2508": Preset("2508", BASE_TARGETS, zero_cond_t=False, gradient_accumulation=1, max_references=1,
+                   prompt_template="single"),
     "2509": Preset("2509", BASE_TARGETS, zero_cond_t=False, gradient_accumulation=1),
     "2511": Preset("2511", BASE_TARGETS + ("img_in", "txt_in", "proj_out"), zero_cond_t=True,
                    gradient_accumulation=16),
 }
+DEFAULT_MODEL_VERSION = "2511"   # when neither a flag nor a LoRA's metadata names one
 
 # In the last block the text stream's outputs are thrown away (only image tokens reach proj_out). The text
 # queries only make text outputs, so add_q_proj is a dead end there too (text keys and values still reach the
@@ -174,8 +201,13 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
 
 def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A LoRA file of any format we read, in canonical form (bare module names, scale folded into lora_B)."""
+    return load_lora_and_metadata(path)[0]
+
+
+def load_lora_and_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``load_lora_file`` and the file's metadata, from one read."""
     state, metadata = read_lora_file(path)
-    return canonical_lora(state, peft_scale=_peft_alpha(metadata, path), source=str(path))
+    return canonical_lora(state, peft_scale=_peft_alpha(metadata, path), source=str(path)), metadata
 
 
 def check_format(fmt: str) -> None:

@@ -21,9 +21,11 @@ swapping it or changing its strength never touches the base, and removing it res
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from .cache import (DEFAULT_NEGATIVE_PROMPT, encode_images_and_prompt, fit_refer
                     mask_to_latent_grid, reference_prompt_embedder)
 from .errors import EditTunerError
 from .images import MAX_ASPECT_RATIO, ResizeConfig, check_aspect_ratio, load_mask, load_rgb
-from .lora import PRESETS, load_lora_file
+from .lora import DEFAULT_MODEL_VERSION, PRESETS, load_lora_and_metadata, load_lora_file
 from .models import ModelSource
 from .objectives import DiTDenoiser, dit_conditioning, sample_bridge
 from .performance import PerformanceConfig, load_device, prepare_base
@@ -185,6 +187,67 @@ class LoraHooks:
         self.handles, self.path, self.strength = [], None, 0.0
 
 
+# ---- which model version a LoRA was trained for -----------------------------------------------------------------
+
+class ModelChoice(NamedTuple):
+    """The version and zero_cond_t to sample with, and the warnings that choosing them gave."""
+
+    version: str
+    zero_cond_t: bool
+    notes: tuple[str, ...] = ()
+
+
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def lora_trained_with(metadata: dict[str, str], source, model_version: str | None = None,
+                      zero_cond_t: bool | None = None) -> tuple[str | None, bool | None]:
+    """(version, zero_cond_t) a LoRA's metadata records (our trainer writes base_model "Qwen-Image-Edit-<version>"
+    and zero_cond_t "true"/"false"); None where it records nothing. A value it records but we cannot read is an
+    error unless the matching flag (``model_version`` / ``zero_cond_t``) decides instead."""
+    versions = {preset.base_model: name for name, preset in PRESETS.items()}
+    base_model, recorded_zct = metadata.get("base_model"), metadata.get("zero_cond_t")
+    version = versions.get(base_model)
+    if version is None and model_version is None and str(base_model).startswith("Qwen-Image-Edit-"):
+        raise EditTunerError(f"--lora {source}: its metadata says base_model {base_model!r}, a version this edittuner "
+                             f"does not know ({', '.join(sorted(versions))}); pass --model_version to sample it as "
+                             "one of those")
+    zct = {"true": True, "false": False}.get(str(recorded_zct).lower()) if recorded_zct is not None else None
+    if recorded_zct is not None and zct is None and zero_cond_t is None:
+        raise EditTunerError(f"--lora {source}: its metadata says zero_cond_t {recorded_zct!r}, neither true nor false; "
+                             "pass --zero_cond_t on or off")
+    return version, zct
+
+
+def choose_model(metadata: dict[str, str] | None, source, model_version: str | None = None,
+                 zero_cond_t: bool | None = None) -> ModelChoice:
+    """The version and zero_cond_t to sample a LoRA with: the flags where given (a warning where they disagree with
+    the LoRA's metadata), else the metadata, else the default version and its preset. zero_cond_t comes from the
+    metadata only when the version does too (a LoRA sampled as another version gets that version's preset)."""
+    if model_version is not None and model_version not in PRESETS:
+        raise EditTunerError(f"--model_version {model_version}: choose one of {', '.join(sorted(PRESETS))}")
+    trained_version, trained_zct = lora_trained_with(metadata or {}, source, model_version, zero_cond_t)
+    version = model_version or trained_version or DEFAULT_MODEL_VERSION
+    notes = []
+    if trained_version not in (None, version):
+        notes.append(f"--model_version {version} overrides the version {source} was trained for "
+                     f"({PRESETS[trained_version].base_model})")
+    if zero_cond_t is not None:
+        chosen = zero_cond_t
+        if trained_zct not in (None, chosen):
+            notes.append(f"--zero_cond_t {_on_off(chosen)} overrides the setting {source} was trained with "
+                         f"({_on_off(trained_zct)})")
+    elif trained_zct is not None and trained_version in (None, version):
+        chosen = trained_zct
+    else:
+        chosen = PRESETS[version].zero_cond_t
+        if trained_zct not in (None, chosen):
+            notes.append(f"zero_cond_t {_on_off(chosen)} as --model_version {version}'s preset, not as {source} was "
+                         f"trained ({_on_off(trained_zct)}); pass --zero_cond_t to choose")
+    return ModelChoice(version, chosen, tuple(notes))
+
+
 # ---- the editor: base model loaded once ------------------------------------------------------------------------
 
 def _prepare_mask(mask: Image.Image | None, size: tuple[int, int]) -> Image.Image | None:
@@ -202,31 +265,60 @@ def _pixels(image: Image.Image) -> np.ndarray:
 
 
 class Editor:
-    """The base model and encoders, loaded once; LoRAs come and go without reloading them."""
+    """The base model and encoders, loaded once; LoRAs come and go without reloading them.
 
-    def __init__(self, model: ModelSource = ModelSource(), model_version: str = "2511",
+    The model version (prompt template, references taken) and zero_cond_t follow the LoRA on it (``choose_model``):
+    ``model_version`` / ``zero_cond_t`` override its metadata, and without a LoRA (or metadata) they apply, else the
+    default version and its preset."""
+
+    def __init__(self, model: ModelSource = ModelSource(), model_version: str | None = None,
                  resize: ResizeConfig = ResizeConfig(), device: str | None = None, dtype: torch.dtype | None = None,
-                 base_quantization: str = "none"):
-        if model_version not in PRESETS:
-            raise EditTunerError(f"--model_version {model_version}: choose one of {sorted(PRESETS)}")
+                 base_quantization: str = "none", zero_cond_t: bool | None = None):
+        self.flags = (model_version, zero_cond_t)
+        self.choice = choose_model(None, None, model_version, zero_cond_t)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         # int8 / fp8 blocks: the 20B base in about half the memory, for trying a LoRA on a 24 GB card.
         levers = PerformanceConfig(base_quantization=base_quantization)
         levers.check(torch.device(self.device), self.dtype)
         model.check(("transformer", "text_encoder", "vae", "processor"))
-        self.model_version, self.resize = model_version, resize
+        self.resize = resize
         self.dit = model.load_dit(dtype=self.dtype, device=load_device(levers, torch.device(self.device)))
         prepare_base(self.dit, levers, torch.device(self.device))
         self.dit = self.dit.to(self.device).eval()
         self.pipe = make_encoding_pipe(model.load_encoders(dtype=self.dtype, device=self.device), self.device,
                                        self.dtype)
-        self.embedder = reference_prompt_embedder(resize.vl_pixels)
+        self.embedder = reference_prompt_embedder(resize.vl_pixels, self.preset.prompt_template)
         self.lora = LoraHooks(self.dit)
 
-    def set_lora(self, path: str | Path | None, strength: float = 1.0,
-                 state: dict[str, torch.Tensor] | None = None) -> None:
-        self.lora.set(path, strength, state)
+    @property
+    def model_version(self) -> str:
+        return self.choice.version
+
+    @property
+    def zero_cond_t(self) -> bool:
+        return self.choice.zero_cond_t
+
+    @property
+    def preset(self):
+        return PRESETS[self.choice.version]
+
+    def set_lora(self, path: str | Path | None, strength: float = 1.0, state: dict[str, torch.Tensor] | None = None,
+                 metadata: dict[str, str] | None = None) -> tuple[str, ...]:
+        """Put the LoRA at ``path`` on (None: take it off) and follow the version and zero_cond_t it was trained
+        with (``state`` / ``metadata``: the file's, when already read). Returns the warnings of ``choose_model``."""
+        if path is None:
+            self.lora.set(None)
+            choice = choose_model(None, None, *self.flags)
+        else:
+            if state is None or metadata is None:
+                state, metadata = load_lora_and_metadata(path)
+            choice = choose_model(metadata, path, *self.flags)
+            self.lora.set(path, strength, state)
+        self.choice = choice
+        if self.embedder.prompt_template != self.preset.prompt_template:
+            self.embedder = reference_prompt_embedder(self.resize.vl_pixels, self.preset.prompt_template)
+        return choice.notes
 
     def check_references(self, references: list[Image.Image]) -> list[Image.Image]:
         """The references sized for the model, refusing a shape the engine cannot take: more extreme than
@@ -235,7 +327,7 @@ class Editor:
         for number, reference in enumerate(references, 1):
             check_aspect_ratio(*reference.size, f"reference {number}")
             ref = fit_reference(reference, self.resize)
-            vl_size = self.embedder.calculate_dimensions(self.resize.vl_pixels, ref.width / ref.height)
+            vl_size = self.embedder.vision_size(ref.width, ref.height)
             if min(vl_size) <= 0 or max(vl_size) / min(vl_size) > MAX_ASPECT_RATIO:
                 raise EditTunerError(
                     f"reference {number}: {reference.width}x{reference.height}, sized {ref.width}x{ref.height} for "
@@ -248,8 +340,9 @@ class Editor:
     @torch.no_grad()
     def edit(self, references: list[Image.Image], prompt: str, sampler: SamplerConfig = SamplerConfig(),
              mask: Image.Image | None = None) -> EditResult:
-        if not 1 <= len(references) <= 3:
-            raise EditTunerError("give 1 to 3 reference images (the first is the one being edited)")
+        too_many = self.preset.reference_refusal(len(references))
+        if too_many is not None:
+            raise EditTunerError(too_many)
         if not prompt.strip():
             raise EditTunerError("the prompt is empty; write the edit instruction")
         start = time.perf_counter()
@@ -259,7 +352,7 @@ class Editor:
         encoded = encode_images_and_prompt(self.pipe, self.embedder, prompt, None, refs, None)
         negative_prompt_emb = None
         if sampler.uses_cfg:
-            negative_prompt_emb = self.embedder.process(self.pipe, sampler.negative_prompt, edit_image=refs)["prompt_emb"][0]
+            negative_prompt_emb = self.embedder.encode(self.pipe, sampler.negative_prompt, refs)
         if sampler.sampler == "bridge" and sampler.stream == "sub":
             white = Image.new("RGB", size, (255, 255, 255))
             encoded["white"] = self.pipe.vae.encode(self.pipe.preprocess_image(white))[0]
@@ -285,7 +378,7 @@ class Editor:
     def sample_latents(self, encoded: dict[str, torch.Tensor], sampler: SamplerConfig,
                        negative_prompt_emb: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                        dit: torch.nn.Module | None = None) -> torch.Tensor:
-        return sample_edit_latents(dit or self.dit, encoded, sampler, self.model_version, self.device, self.dtype,
+        return sample_edit_latents(dit or self.dit, encoded, sampler, self.zero_cond_t, self.device, self.dtype,
                                    negative_prompt_emb, mask)
 
     def decode(self, latents: torch.Tensor) -> Image.Image:
@@ -327,13 +420,15 @@ def validation_grid(rows: list[tuple[list[Image.Image], Image.Image, Image.Image
 
 @torch.no_grad()
 def sample_edit_latents(dit: torch.nn.Module, encoded: dict[str, torch.Tensor], sampler: SamplerConfig,
-                        model_version: str, device, dtype, negative_prompt_emb: torch.Tensor | None = None,
+                        zero_cond_t: bool, device, dtype, negative_prompt_emb: torch.Tensor | None = None,
                         mask: torch.Tensor | None = None, denoiser=None) -> torch.Tensor:
     """Latents of the edit of one encoded sample (a phase-1 cache entry or a freshly encoded request).
 
+    ``zero_cond_t``: as the LoRA was trained (the run's setting for previews, the LoRA's metadata for sampling).
     ``mask`` is the latent-grid mask (1, h, w), 1 = regenerate; ``negative_prompt_emb`` is needed for CFG.
     ``denoiser``: the DiT as the trainer wrapped it (DDP, DeepSpeed engine), so ZeRO-3 gathers its shards."""
-    zero_cond_t = PRESETS[model_version].zero_cond_t
+    if not isinstance(zero_cond_t, bool):
+        raise TypeError(f"sample_edit_latents: zero_cond_t must be True or False, not {zero_cond_t!r}")
     known = encoded["ref.0"][None].to(device, dtype)
     conditioning = dit_conditioning(encoded, device, dtype, zero_cond_t, latent_hw=tuple(known.shape[-2:]))
     keep = (mask[None].to(device, dtype), known) if mask is not None else None
@@ -390,7 +485,8 @@ class SampleConfig:
     use_dataset_masks: bool = False
     data_root: Path | None = None
     model: ModelSource = field(default_factory=ModelSource)
-    model_version: str = "2511"
+    model_version: str | None = None        # None: the LoRA's (its metadata), else the default version
+    zero_cond_t: bool | None = None         # None: the LoRA's, else the version's preset
     lora: Path | None = None
     lora_strength: float = 1.0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -399,9 +495,10 @@ class SampleConfig:
 
     def __post_init__(self):
         if self.dataset_json is None:
-            if not 1 <= len(self.references) <= 3:
-                raise EditTunerError("--image: give 1 to 3 reference images (the first is the one being edited), "
-                                     "or --dataset_json for a batch")
+            most = max(preset.max_references for preset in PRESETS.values())
+            if not 1 <= len(self.references) <= most:
+                raise EditTunerError(f"--image: give 1 to {most} reference images (the first is the one being "
+                                     "edited), or --dataset_json for a batch")
             if not self.prompt.strip():
                 raise EditTunerError("--prompt: empty; write the edit instruction")
             if self.output is None:
@@ -409,8 +506,8 @@ class SampleConfig:
             output_format(self.output)
         elif self.output_dir is None:
             raise EditTunerError("--dataset_json needs --output_dir (one image per row is written there)")
-        if self.model_version not in PRESETS:
-            raise EditTunerError(f"--model_version {self.model_version}: choose one of {sorted(PRESETS)}")
+        if self.model_version is not None and self.model_version not in PRESETS:
+            raise EditTunerError(f"--model_version {self.model_version}: choose one of {', '.join(sorted(PRESETS))}")
         if not math.isfinite(self.lora_strength):
             raise EditTunerError(f"--lora_strength {self.lora_strength}: must be a finite number (1 = as trained)")
 
@@ -447,20 +544,30 @@ def _read_inputs(paths, mask_path) -> tuple[list[Image.Image], Image.Image | Non
 def sample_images(cfg: SampleConfig, progress: bool = True) -> list[tuple[Path, EditResult]]:
     """Run `edittuner sample`: one edit, or one per dataset row (written as ``<id>.png``, the id made safe).
 
-    Everything that can be checked without the model is checked before it loads: the outputs can be written, the
-    LoRA reads, the single edit's images decode. A batch decodes each row just before its edit; a row that cannot
-    be edited is skipped, the others are written, and then RowsSkipped names the skipped rows."""
+    The version and zero_cond_t come from the LoRA's metadata unless a flag overrides them (``choose_model``; each
+    disagreement is a warning on stderr). Everything that can be checked without the model is checked before it
+    loads: the outputs can be written, the LoRA reads, the single edit's images decode and their number fits the
+    version. A batch decodes each row just before its edit; a row that cannot be edited (too many references for
+    the version included) is skipped, the others are written, and then RowsSkipped names the skipped rows."""
     from .dataset import load_dataset
 
     rows = load_dataset(cfg.dataset_json, root=cfg.data_root) if cfg.dataset_json is not None else None
     if rows is None:
         check_output_file(cfg.output, "--output")
-        references, mask = _read_inputs(cfg.references, cfg.mask)
     else:
         check_output_dir(cfg.output_dir, "--output_dir")
-    lora_state = load_lora_file(cfg.lora) if cfg.lora is not None else None
-    editor = Editor(cfg.model, cfg.model_version, cfg.resize, base_quantization=cfg.base_quantization)
-    editor.set_lora(cfg.lora, cfg.lora_strength, lora_state)
+    lora_state, metadata = load_lora_and_metadata(cfg.lora) if cfg.lora is not None else (None, None)
+    choice = choose_model(metadata, cfg.lora, cfg.model_version, cfg.zero_cond_t)
+    if rows is None:
+        too_many = PRESETS[choice.version].reference_refusal(len(cfg.references))
+        if too_many is not None:
+            raise EditTunerError(f"--image: {too_many}")
+        references, mask = _read_inputs(cfg.references, cfg.mask)
+    for note in choice.notes:   # the editor makes the same choice from the same flags and metadata
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    editor = Editor(cfg.model, cfg.model_version, cfg.resize, base_quantization=cfg.base_quantization,
+                    zero_cond_t=cfg.zero_cond_t)
+    editor.set_lora(cfg.lora, cfg.lora_strength, lora_state, metadata)
     if rows is not None:
         return _sample_rows(editor, rows, cfg, progress)
     result = editor.edit(references, cfg.prompt, cfg.sampler, mask)

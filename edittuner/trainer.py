@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import defaults
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .batching import collate_conditioning, shape_groups
 from .cache import VALIDATION_SUBDIR, CacheReader
@@ -62,7 +63,7 @@ class TrainConfig:
     zero_cond_t: bool | None = None
     lora_targets: tuple[str, ...] | None = None
     seed: int = 0
-    save_every: int = 500
+    save_every: int = defaults.SAVE_EVERY
     keep_last: int | None = None
     gradient_checkpointing: bool = True
     mixed_precision: str = "auto"
@@ -272,7 +273,8 @@ class ValidationPreviews:
         rows = []
         with torch.random.fork_rng(devices=[]):
             for index, (sample, record) in enumerate(zip(self.samples, self.reader.records)):
-                latents = sample_edit_latents(self.dit, sample, self.cfg.validation_sampler, self.cfg.model_version,
+                # zero_cond_t as this run trains (--zero_cond_t may differ from the version's preset).
+                latents = sample_edit_latents(self.dit, sample, self.cfg.validation_sampler, self.cfg.zero_cond_t,
                                               self.device, self.dtype, sample.get("negative_prompt_emb"),
                                               denoiser=self.denoiser)
                 if self.vae is not None:

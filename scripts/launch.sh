@@ -4,7 +4,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-PRESET="${PRESET:?set PRESET to 2509 or 2511}"
+PRESET="${PRESET:?set PRESET to a --model_version (edittuner train --help lists them)}"
 NAME="${LAUNCHER:-Qwen-Image-Edit-${PRESET}}"
 OBJECTIVE="${OBJECTIVE:-flow}"
 OPTIMIZER="${OPTIMIZER:-adamw}"
@@ -19,7 +19,8 @@ MODEL_DIR="${MODEL_DIR:-}"
 if [ -z "$MODEL_DIR" ]; then
   echo "${NAME}: no MODEL_DIR set - running on the built-in tiny model with the demo dataset (set MODEL_DIR=/path/to/${NAME} for real weights)"
   MODEL_ARGS=(--model_dir tiny)
-  DATASET_JSON="${DATASET_JSON:-data/demo/dataset.json}"
+  DEMO_DATASET="${DEMO_DATASET:-data/demo/dataset.json}"   # a launcher may pick other demo rows (one reference)
+  DATASET_JSON="${DATASET_JSON:-$DEMO_DATASET}"
   # Tiny-model defaults: small images and a high learning rate so the demo learns in a minute on a CPU.
   STEPS="${STEPS:-60}"; RANK="${RANK:-8}"; GRAD_ACCUM="${GRAD_ACCUM:-2}"
   if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-5e-3}"; fi
@@ -36,7 +37,7 @@ else
   DATASET_JSON="${DATASET_JSON:?set DATASET_JSON to your dataset JSON (make one with generate_dataset_json_mp.py)}"
   STEPS="${STEPS:-1000}"; RANK="${RANK:-32}"; GRAD_ACCUM="${GRAD_ACCUM:-}"
   if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-1e-4}"; fi
-  MAX_PIXELS="${MAX_PIXELS:-1048576}"; SAVE_EVERY="${SAVE_EVERY:-250}"
+  MAX_PIXELS="${MAX_PIXELS:-1048576}"; SAVE_EVERY="${SAVE_EVERY:-}"   # unset: edittuner's default
   VALIDATION_STEPS="${VALIDATION_STEPS:-250}"; VALIDATION_INFERENCE_STEPS="${VALIDATION_INFERENCE_STEPS:-}"
 fi
 # Validation pairs: the generator's held-out split beside the dataset JSON, unless VALIDATION_JSON names others.
@@ -70,7 +71,7 @@ fi
 
 # Validate everything before any work starts.
 is_int STEPS "$STEPS"; is_num LR "$LR"; is_int RANK "$RANK"; is_int NUM_PROCESSES "$NUM_PROCESSES"
-is_int SEED "$SEED" 0; is_int MAX_PIXELS "$MAX_PIXELS"; is_int SAVE_EVERY "$SAVE_EVERY"
+is_int SEED "$SEED" 0; is_int MAX_PIXELS "$MAX_PIXELS"; [ -z "$SAVE_EVERY" ] || is_int SAVE_EVERY "$SAVE_EVERY"
 [ -z "$GRAD_ACCUM" ] || is_int GRAD_ACCUM "$GRAD_ACCUM"
 BATCH_SIZE="${BATCH_SIZE:-1}"; is_int BATCH_SIZE "$BATCH_SIZE"
 case "$ACCELERATE_CONFIG" in *zero*) [ "$BATCH_SIZE" = 1 ] || fail "BATCH_SIZE=$BATCH_SIZE: not under DeepSpeed ZeRO ($ACCELERATE_CONFIG); set ACCELERATE_CONFIG=accelerate_configs/ddp.yaml or BATCH_SIZE=1";; esac
@@ -99,7 +100,7 @@ if [ "$OBJECTIVE" = lbm ]; then
     --normalize_velocity "$NORMALIZE_VELOCITY")
 fi
 [ -f "$ACCELERATE_CONFIG" ] || fail "ACCELERATE_CONFIG=$ACCELERATE_CONFIG: no such file (see accelerate_configs/)"
-if [ ! -f "$DATASET_JSON" ] && [ -z "$MODEL_DIR" ] && [ "$DATASET_JSON" = data/demo/dataset.json ]; then
+if [ ! -f "$DATASET_JSON" ] && [ -z "$MODEL_DIR" ] && [ "$DATASET_JSON" = "$DEMO_DATASET" ]; then
   "$PYTHON" -m edittuner demo-data --out data/demo
 fi
 [ -f "$DATASET_JSON" ] || fail "DATASET_JSON=$DATASET_JSON: no such file"
@@ -119,9 +120,10 @@ RESIZE_ARGS=(--max_pixels "$MAX_PIXELS")
 LAUNCH=("$PYTHON" -m edittuner.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" -m edittuner)
 
 TRAIN_ARGS=(--cache_dir "$CACHE_DIR" --output_dir "$OUTPUT_DIR" --model_version "$PRESET" --max_steps "$STEPS"
-  --learning_rate "$LR" --rank "$RANK" --seed "$SEED" --save_every "$SAVE_EVERY"
+  --learning_rate "$LR" --rank "$RANK" --seed "$SEED"
   --objective "$OBJECTIVE" --optimizer "$OPTIMIZER" "${LBM_ARGS[@]}" "${PREVIEW_ARGS[@]}")
 [ -z "$GRAD_ACCUM" ] || TRAIN_ARGS+=(--gradient_accumulation "$GRAD_ACCUM")
+[ -z "$SAVE_EVERY" ] || TRAIN_ARGS+=(--save_every "$SAVE_EVERY")
 [ "$BATCH_SIZE" = 1 ] || TRAIN_ARGS+=(--batch_size "$BATCH_SIZE")
 [ -z "$RESUME" ] || TRAIN_ARGS+=(--resume "$RESUME")
 [ "$OVERWRITE" = off ] || TRAIN_ARGS+=(--overwrite)

@@ -176,3 +176,60 @@ def _not_a_lora(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({"img_in.weight": torch.zeros(4, 4)}, str(path))
     return path
+
+
+def _relabelled(trained_run, path, **metadata):
+    """The trained LoRA with its metadata changed as another run would have written it."""
+    from edittuner.lora import read_lora_file, save_lora
+    state, recorded = read_lora_file(trained_run[0] / "lora.safetensors")
+    save_lora(path, state, {k: v for k, v in {**recorded, **metadata}.items() if v is not None})
+    return path
+
+
+def test_choose_model_from_lora_metadata_and_flags():
+    from edittuner.sampling import choose_model
+    assert choose_model(None, None) == choose_model({}, "x.safetensors") == ("2511", True, ())
+    assert choose_model({"base_model": "Qwen-Image-Edit-2509", "zero_cond_t": "true"}, "x")[:2] == ("2509", True)
+    assert choose_model({"base_model": "Qwen-Image-Edit-2511", "zero_cond_t": "false"}, "x")[:2] == ("2511", False)
+    chosen = choose_model({"base_model": "Qwen-Image-Edit-2509", "zero_cond_t": "false"}, "x", "2511")
+    assert chosen[:2] == ("2511", True) and len(chosen.notes) == 2   # the version's preset, both said
+    assert "overrides the version x was trained for (Qwen-Image-Edit-2509)" in chosen.notes[0]
+    chosen = choose_model({"base_model": "Qwen-Image-Edit-2511", "zero_cond_t": "true"}, "x", None, False)
+    assert chosen[:2] == ("2511", False) and "--zero_cond_t off overrides the setting x was trained with (on)" \
+        in chosen.notes[0]
+    assert choose_model({"base_model": "FLUX.1"}, "x", None, False) == ("2511", False, ())  # other tools' files
+    with pytest.raises(EditTunerError, match="base_model 'Qwen-Image-Edit-2612', a version this edittuner does not "
+                                             "know .*pass --model_version"):
+        choose_model({"base_model": "Qwen-Image-Edit-2612"}, "x")
+    assert choose_model({"base_model": "Qwen-Image-Edit-2612"}, "x", "2509").version == "2509"
+    with pytest.raises(EditTunerError, match="zero_cond_t 'maybe', neither true nor false; pass --zero_cond_t"):
+        choose_model({"zero_cond_t": "maybe"}, "x")
+
+
+def test_sample_takes_zero_cond_t_from_the_lora_and_warns_on_override(trained_run, demo_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    import edittuner.sampling as sampling
+    from edittuner import cli
+    seen = []
+    original = sampling.sample_edit_latents
+
+    def recording(dit, encoded, sampler, zero_cond_t, *args, **kwargs):
+        seen.append(zero_cond_t)
+        return original(dit, encoded, sampler, zero_cond_t, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_edit_latents", recording)
+
+    def sample(lora, *flags):
+        code = cli.main([str(a) for a in ("sample", "--image", demo_dir / "raw/source/01_chelsea.png", "--prompt",
+                                          PROMPT, "--output", tmp_path / "out.png", "--steps", "1", "--guidance", "1",
+                                          "--max_pixels", TINY_PIXELS, *(("--lora", lora) if lora else ()), *flags)])
+        return code, capsys.readouterr().err
+
+    off = _relabelled(trained_run, tmp_path / "off.safetensors", zero_cond_t="false")  # a 2511 run with it off
+    assert sample(off) == (0, "") and seen == [False]
+    code, err = sample(off, "--zero_cond_t", "on")
+    assert code == 0 and seen[-1] is True and f"warning: --zero_cond_t on overrides the setting {off} was " \
+                                              "trained with (off)" in err
+    bare = _relabelled(trained_run, tmp_path / "bare.safetensors", base_model=None, zero_cond_t=None)
+    assert sample(bare, "--model_version", "2509")[0] == 0 and seen[-1] is False  # no metadata: the flag's preset
+    assert sample(None)[0] == 0 and seen[-1] is True                               # no LoRA: the default, 2511

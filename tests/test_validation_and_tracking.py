@@ -138,3 +138,26 @@ def test_validation_flags_and_report_to(demo_cache, resize, tmp_path, monkeypatc
     train(_cfg(demo_cache, resize, tmp_path / "plain", validation_steps=None, max_steps=2, report_to="none"),
           progress=False)
     assert not (tmp_path / "plain/validation").exists()
+
+
+def test_previews_sample_with_the_runs_zero_cond_t_not_the_presets(cache_with_validation, resize, tmp_path,
+                                                                   monkeypatch):
+    """--model_version 2511 --zero_cond_t off trains without zero_cond_t; each preview equals sampling with it off
+    (and differs from sampling with the preset's on)."""
+    import edittuner.trainer as trainer_module
+
+    original = trainer_module.sample_edit_latents
+    compared = []
+
+    def comparing(dit, sample, sampler, zero_cond_t, device, dtype, *args, **kwargs):
+        preview = original(dit, sample, sampler, zero_cond_t, device, dtype, *args, **kwargs)
+        off, on = (original(dit, sample, sampler, z, device, dtype, *args, **kwargs) for z in (False, True))
+        compared.append((torch.equal(preview, off), torch.equal(preview, on)))
+        return preview
+
+    monkeypatch.setattr(trainer_module, "sample_edit_latents", comparing)
+    cfg = _cfg(cache_with_validation, resize, tmp_path / "off", model_version="2511", zero_cond_t=False, max_steps=3,
+               report_to="none")
+    assert cfg.zero_cond_t is False
+    train(cfg, progress=False)
+    assert compared == [(True, False)] * 2   # one preview at step 3, two pairs
