@@ -27,13 +27,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edittuner.cache import (PrecomputeConfig, encode_images_and_prompt, make_encoding_pipe,  # noqa: E402
-                             precompute_cache, prepare_images, reference_prompt_embedder)
+from edittuner.cache import PrecomputeConfig, precompute_cache  # noqa: E402
 from edittuner.dataset import GenerateConfig, generate_dataset_json, load_dataset  # noqa: E402
+from edittuner.encoding import (encode_images_and_prompt, make_encoding_pipe, prepare_images,  # noqa: E402
+                                reference_prompt_embedder)
 from edittuner.images import ResizeConfig  # noqa: E402
 from edittuner.lora import PRESETS, inject_lora, lora_parameters  # noqa: E402
 from edittuner.models import EditDiT, ModelSource  # noqa: E402
-from edittuner.objectives import DiTDenoiser, dit_conditioning, training_scheduler  # noqa: E402
+from edittuner.batching import collate_conditioning  # noqa: E402
+from edittuner.objectives import DiTDenoiser, training_scheduler  # noqa: E402
 from edittuner.tiny import TINY_TEXT_DIM, build_tiny_encoders  # noqa: E402
 from edittuner.tracking import read_metrics  # noqa: E402
 from edittuner.trainer import TrainConfig, train  # noqa: E402
@@ -101,7 +103,7 @@ def bench_phase2(work: Path, dataset: Path, steps: int) -> dict:
     for index in order:
         sample = reader.load(index)
         x0 = sample["target"][None]
-        preloaded.append((x0, torch.randn_like(x0), dit_conditioning(sample, "cpu", torch.float32, True)))
+        preloaded.append((x0, torch.randn_like(x0), collate_conditioning([sample], "cpu", torch.float32, True)))
     timestep = training_scheduler().timesteps[500:501]
     times = []
     for x0, noise, conditioning in preloaded:
@@ -163,7 +165,7 @@ def bench_lbm(work: Path, steps: int) -> dict:
     dit = model.load_dit().eval()
     denoiser = DiTDenoiser(dit)
     sample = CacheReader(work / "cache").load(0)
-    conditioning = dit_conditioning(sample, "cpu", torch.float32, True)
+    conditioning = collate_conditioning([sample], "cpu", torch.float32, True)
     z0 = sample["ref.0"][None]
 
     def flow_30():
@@ -514,7 +516,7 @@ def bench_checkpoint(work: Path, dataset: Path, repeats: int) -> dict:
     sample = CacheReader(cache).load(0)
     x0 = sample["target"][None]
     noise = torch.randn_like(x0)
-    conditioning = dit_conditioning(sample, "cpu", torch.float32, True)
+    conditioning = collate_conditioning([sample], "cpu", torch.float32, True)
     timestep = training_scheduler().timesteps[500:501]
 
     def train_step():

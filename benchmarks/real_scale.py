@@ -6,8 +6,8 @@ Phase 2, at the real size: the 2511 DiT architecture (``EditDiT``: 60 blocks, 24
 3584; 20.43 B parameters) with random bf16 weights, LoRA rank 32 on the 2511 targets, gradient checkpointing and
 zero_cond_t on, one 1024x1024 target and one 1024x1024 reference (latents (1, 16, 128, 128) each: 8192 image
 tokens) and a prompt embedding of ``benchmarks.flops.edit_prompt_tokens()`` (232) tokens. One step is what the
-trainer does per sample: ``flow_matching_loss`` through ``DiTDenoiser`` under bf16 autocast, backward, gradient
-clipping at 1.0 (the trainer's default ``--max_grad_norm``), AdamW (lr 1e-4, weight decay 0.01) on the LoRA
+trainer does per sample: ``flow_matching_losses`` on a batch of one through ``DiTDenoiser`` under bf16 autocast,
+backward, gradient clipping at 1.0 (the trainer's default ``--max_grad_norm``), AdamW (lr 1e-4, weight decay 0.01) on the LoRA
 parameters, zero_grad. Per case: median seconds/step over ``--steps`` timed steps after the warm-up (2 steps, 3
 with --compile, whose first steps compile), peak GPU memory (``max_memory_allocated`` and
 ``max_memory_reserved``, reset after the warm-up), model FLOPs per step (``benchmarks.flops``,
@@ -415,8 +415,9 @@ def make_sample(scale: Scale, seed: int) -> dict[str, torch.Tensor]:
 def measure_phase2(run: Run, levers: PerformanceConfig, row: dict, warmup: int, log) -> None:
     """Build as the trainer does (load_dit -> prepare_base -> inject_lora -> place_dit), then train and time;
     fills ``row`` as it goes, so a failure keeps what was measured before it."""
-    from edittuner.objectives import (DiTDenoiser, FlowMatchConfig, dit_conditioning, flow_matching_draw,
-                                      flow_matching_loss, training_scheduler)
+    from edittuner.batching import collate_conditioning
+    from edittuner.objectives import (DiTDenoiser, FlowMatchConfig, flow_matching_draw, flow_matching_losses,
+                                      training_scheduler)
     from edittuner.trainer import seed_for_position
 
     device, dtype = run.device, run.dtype
@@ -451,7 +452,7 @@ def measure_phase2(run: Run, levers: PerformanceConfig, row: dict, warmup: int, 
     scheduler = training_scheduler()
     sample = make_sample(run.scale, run.seed)
     x0 = sample["target"][None].to(device, dtype)
-    conditioning = dit_conditioning(sample, device, dtype, PRESET.zero_cond_t, gradient_checkpointing=True)
+    conditioning = collate_conditioning([sample], device, dtype, PRESET.zero_cond_t, gradient_checkpointing=True)
     flow = FlowMatchConfig()
     sync(device)
     row["build_s"] = time.perf_counter() - start
@@ -473,9 +474,9 @@ def measure_phase2(run: Run, levers: PerformanceConfig, row: dict, warmup: int, 
     losses = row["losses"] = []
 
     def step(index: int) -> float:
-        torch.manual_seed(seed_for_position(run.seed, index))
         with autocast(device, dtype):
-            loss = flow_matching_loss(denoiser, scheduler, x0, conditioning, flow)
+            loss = flow_matching_losses(denoiser, scheduler, [x0], [seed_for_position(run.seed, index)],
+                                        conditioning, flow)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
@@ -571,7 +572,7 @@ def noise_image(size: int, seed: int):
 
 def measure_phase1(scale: Scale, device: torch.device, dtype: torch.dtype, seed: int, samples: int, row: dict,
                    log) -> None:
-    from edittuner.cache import encode_images_and_prompt, make_encoding_pipe, reference_prompt_embedder
+    from edittuner.encoding import encode_images_and_prompt, make_encoding_pipe, reference_prompt_embedder
     from edittuner.models import Encoders
     from edittuner.tiny import TINY_VAE, build_processor
 

@@ -40,11 +40,12 @@ def shape_groups(samples: list[dict]) -> list[list[int]]:
     return list(groups.values())
 
 
-def collate_conditioning(samples: list[dict], device, dtype, zero_cond_t: bool,
-                         gradient_checkpointing: bool = False) -> dict:
-    """batched_model_fn's inputs, except latents and timestep, for same-shape samples (dit_conditioning for B)."""
-    keys = {shape_key(s) for s in samples}
-    if len(keys) != 1:
+def collate_conditioning(samples: list[dict], device, dtype, zero_cond_t: bool, gradient_checkpointing: bool = False,
+                         latent_hw: tuple[int, int] | None = None) -> dict:
+    """The DiT's inputs, except latents and timestep, for same-shape samples (a batch of one included: then it is
+    exactly the engine's batch-1 input). At inference there is no target: ``latent_hw`` gives the output size."""
+    keys = {shape_key(s) for s in samples} if len(samples) > 1 else set()
+    if len(keys) > 1:
         raise EditTunerError(f"a batch needs one latent shape (target and references); got {sorted(keys)}")
     refs = []
     while f"ref.{len(refs)}" in samples[0]:
@@ -57,7 +58,7 @@ def collate_conditioning(samples: list[dict], device, dtype, zero_cond_t: bool,
     for i, (s, n) in enumerate(zip(samples, lengths)):
         prompt_emb[i, :n] = s["prompt_emb"].to(device=device, dtype=dtype)
         mask[i, :n] = 1
-    height, width = (d * 8 for d in samples[0]["target"].shape[-2:])
+    height, width = (d * 8 for d in (latent_hw or samples[0]["target"].shape[-2:]))
     return {"prompt_emb": prompt_emb, "prompt_emb_mask": mask, "edit_latents": refs, "height": height,
             "width": width, "zero_cond_t": zero_cond_t, "use_gradient_checkpointing": gradient_checkpointing}
 

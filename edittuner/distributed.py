@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from .checkpoint import load_state, save_state
 from .errors import EditTunerError
 
 
@@ -123,33 +126,52 @@ class DeepSpeedRuntime:
         import deepspeed
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    def optimizer_state(self, optimizer) -> dict | None:
-        return None  # partitioned: every rank saves its own shard (optimizer_shard)
+    def save_optimizer(self, optimizer, staging: Path) -> Callable[[Path], None]:
+        """Every rank writes its shard to ``staging`` now; the returned function (main process) moves the shards
+        into the checkpoint's folder, so the checkpoint still appears in one rename."""
+        if self.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.wait_for_everyone()
+        save_state(staging, f"optimizer.rank{self.process_index}", self._optimizer_shard(optimizer))
+        self.wait_for_everyone()
 
-    def optimizer_shard(self, optimizer) -> dict:
+        def move_into(folder: Path) -> None:
+            for shard in sorted(staging.iterdir()):
+                os.replace(shard, folder / shard.name)
+        return move_into
+
+    def load_optimizer(self, optimizer, folder: Path, restore_weights: Callable[[], None]) -> None:
+        """Each rank's shard holds its fp32 master partition too: loading it restores the LoRA exactly."""
+        shard = load_state(folder, f"optimizer.rank{self.process_index}")
+        state = {**optimizer.state_dict(), **shard}
+        # DeepSpeed takes one state per rank and reads its own; it also copies the fp32 partitions into the model.
+        optimizer.load_state_dict([state] * self.num_processes)
+
+    def _optimizer_shard(self, optimizer) -> dict:
         """This rank's part of the ZeRO optimizer: the inner optimizer's state on its flat partition and the fp32
         master partition (which is also the LoRA's exact value). The rest of DeepSpeed's state_dict is config
         (stage, loss scaler) that a resumed run rebuilds identically, and not all of it is plain data."""
         state = optimizer.state_dict()
         return {"optimizer_state_dict": state["optimizer_state_dict"], "fp32_flat_groups": state["fp32_flat_groups"]}
 
-    def load_optimizer_shard(self, optimizer, shard: dict) -> None:
-        state = {**optimizer.state_dict(), **shard}
-        # DeepSpeed takes one state per rank and reads its own; it also copies the fp32 partitions into the model.
-        optimizer.load_state_dict([state] * self.num_processes)
-
 
 class AccelerateRuntime:
-    """accelerate's Accelerator (one device or DDP), with the same extra calls as DeepSpeedRuntime."""
+    """accelerate's Accelerator (one device or DDP), behind the same calls as DeepSpeedRuntime."""
+
+    zero_stage = None
 
     def __init__(self, mixed_precision: str, cpu: bool):
         from accelerate import Accelerator
 
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-        self.zero_stage = None
+        self.process_index = self.accelerator.process_index
+        self.num_processes = self.accelerator.num_processes
+        self.is_main_process = self.accelerator.is_main_process
+        self.device = self.accelerator.device
 
-    def __getattr__(self, name):
-        return getattr(self.accelerator, name)
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        return self.accelerator.prepare(model, optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -161,8 +183,27 @@ class AccelerateRuntime:
     def clip_grad_norm(self, params, max_norm: float) -> float | None:
         return float(self.accelerator.clip_grad_norm_(params, max_norm)) if max_norm > 0 else None
 
+    def no_sync(self, model):
+        return self.accelerator.no_sync(model)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction)
+
+    def wait_for_everyone(self) -> None:
+        self.accelerator.wait_for_everyone()
+
     def gathered(self, params):
         return nullcontext()
 
-    def optimizer_state(self, optimizer) -> dict:
-        return optimizer.state_dict()
+    def save_optimizer(self, optimizer, staging: Path) -> Callable[[Path], None]:
+        """The whole optimizer, read now (inside the caller's weight view); the main process writes it into the
+        checkpoint's folder with the returned function (``staging`` is not needed: every rank holds it all)."""
+        state = optimizer.state_dict()
+        return lambda folder: save_state(folder, "optimizer", state)
+
+    def load_optimizer(self, optimizer, folder: Path, restore_weights: Callable[[], None]) -> None:
+        restore_weights()
+        optimizer.load_state_dict(load_state(folder, "optimizer"))

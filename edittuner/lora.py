@@ -41,7 +41,7 @@ class Preset:
     """What a model version trains by default, and what it takes as input.
 
     ``max_references``: reference images per sample. ``prompt_template``: how the engine's prompt unit gets them
-    (``cache.PROMPT_TEMPLATES``): "multi" = a list, the "Picture N:" template; "single" = one image, the original
+    (``encoding.PROMPT_TEMPLATES``): "multi" = a list, the "Picture N:" template; "single" = one image, the original
     Qwen-Image-Edit's template."""
 
     name: str

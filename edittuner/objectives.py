@@ -15,7 +15,7 @@ import torch
 from diffsynth.diffusion.flow_match import FlowMatchScheduler
 from diffsynth.pipelines.qwen_image import model_fn_qwen_image
 
-from .batching import batched_model_fn, select_rows
+from .batching import batched_model_fn, collate_conditioning, select_rows
 from .errors import EditTunerError
 
 
@@ -46,21 +46,6 @@ class FlowMatchConfig:
         return self.masked_weight != self.unmasked_weight
 
 
-def dit_conditioning(sample: dict[str, torch.Tensor], device, dtype, zero_cond_t: bool,
-                     gradient_checkpointing: bool = False, latent_hw: tuple[int, int] | None = None) -> dict:
-    """model_fn_qwen_image's inputs, except latents and timestep, from one cached sample (or, at inference,
-    from encoded prompt and references with the output's latent size ``latent_hw``)."""
-    refs = []
-    while f"ref.{len(refs)}" in sample:
-        refs.append(sample[f"ref.{len(refs)}"][None].to(device=device, dtype=dtype))
-    prompt_emb = sample["prompt_emb"][None].to(device=device, dtype=dtype)
-    height, width = (d * 8 for d in (latent_hw or sample["target"].shape[-2:]))
-    return {"prompt_emb": prompt_emb,
-            "prompt_emb_mask": torch.ones(prompt_emb.shape[:2], dtype=torch.long, device=device),
-            "edit_latents": refs, "height": height, "width": width, "zero_cond_t": zero_cond_t,
-            "use_gradient_checkpointing": gradient_checkpointing}
-
-
 class DiTDenoiser(torch.nn.Module):
     """The DiT behind the engine's model function, as one module so DDP/DeepSpeed see a normal forward."""
 
@@ -84,15 +69,6 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     return (squared * weight).mean() / weight.mean().clamp_min(1e-8)
 
 
-def flow_matching_loss(denoiser: Callable, scheduler: FlowMatchScheduler, x0: torch.Tensor, conditioning: dict,
-                       cfg: FlowMatchConfig = FlowMatchConfig(), mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One sample's loss, drawing from the global RNG in the same order as the engine's FlowMatchSFTLoss."""
-    timestep, latents, target = flow_matching_draw(scheduler, x0, cfg)
-    prediction = denoiser(latents=latents, timestep=timestep, **conditioning)
-    loss = weighted_mse(prediction, target, mask, cfg)
-    return loss * scheduler.training_weight(timestep)
-
-
 def flow_matching_draw(scheduler: FlowMatchScheduler, x0: torch.Tensor, cfg: FlowMatchConfig = FlowMatchConfig()):
     """One sample's timestep and noise from the global RNG: (timestep (1,), noisy latents, regression target)."""
     steps = len(scheduler.timesteps)
@@ -102,13 +78,13 @@ def flow_matching_draw(scheduler: FlowMatchScheduler, x0: torch.Tensor, cfg: Flo
     return timestep, scheduler.add_noise(x0, noise, timestep), scheduler.training_target(x0, noise, timestep)
 
 
-def batched_flow_matching_losses(denoiser: Callable, scheduler: FlowMatchScheduler, x0s: list[torch.Tensor],
-                                 seeds: list[int], conditioning: dict, cfg: FlowMatchConfig = FlowMatchConfig(),
-                                 masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """Per-sample flow-matching losses (B,) of same-shape samples x0s (each (1, C, h, w)) in one batched forward.
+def flow_matching_losses(denoiser: Callable, scheduler: FlowMatchScheduler, x0s: list[torch.Tensor],
+                         seeds: list[int], conditioning: dict, cfg: FlowMatchConfig = FlowMatchConfig(),
+                         masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Per-sample flow-matching losses (B,) of same-shape samples x0s (each (1, C, h, w)) in one forward.
 
-    Sample i draws its timestep and noise after ``torch.manual_seed(seeds[i])``, exactly as flow_matching_loss
-    does after the same seed, so each loss is the batch-1 loss of that sample (up to float reassociation)."""
+    Sample i draws its timestep and noise after ``torch.manual_seed(seeds[i])`` in the engine's FlowMatchSFTLoss
+    order; a batch of one is the engine's loss exactly, a larger batch equals it up to float reassociation."""
     draws = []
     for x0, seed in zip(x0s, seeds):
         torch.manual_seed(seed)
@@ -275,25 +251,14 @@ def _bridge_mse(prediction: torch.Tensor, draw: BridgeDraw, z1: torch.Tensor, cf
     return weighted_mse(prediction, target, mask, cfg.weighting)
 
 
-def bridge_matching_loss(denoiser: Callable, z1: torch.Tensor, z_main: torch.Tensor, z_sub: torch.Tensor | None,
-                         conditioning: dict, cfg: BridgeConfig = BridgeConfig(),
-                         mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One sample's LBM loss. ``conditioning`` carries the references; the main stream drops them if asked."""
-    draw = bridge_draw(z1, z_main, z_sub, cfg)
-    if not draw.with_references:
-        conditioning = {**conditioning, "edit_latents": None}
-    timestep = bridge_timestep_input(torch.tensor(draw.t), z1.dtype, z1.device)
-    return _bridge_mse(denoiser(latents=draw.z_t, timestep=timestep, **conditioning), draw, z1, cfg, mask)
-
-
-def batched_bridge_matching_losses(denoiser: Callable, z1s: list[torch.Tensor], z_mains: list[torch.Tensor],
-                                   z_subs: list[torch.Tensor | None], seeds: list[int], conditioning: dict,
-                                   cfg: BridgeConfig = BridgeConfig(),
-                                   masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+def bridge_matching_losses(denoiser: Callable, z1s: list[torch.Tensor], z_mains: list[torch.Tensor],
+                           z_subs: list[torch.Tensor | None], seeds: list[int], conditioning: dict,
+                           cfg: BridgeConfig = BridgeConfig(),
+                           masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Per-sample LBM losses (B,) of same-shape samples; ``conditioning`` is their collated conditioning.
 
-    Sample i draws after ``torch.manual_seed(seeds[i])`` exactly as bridge_matching_loss does, so each loss is
-    that sample's batch-1 loss. Samples whose draw keeps the reference tokens share one forward, those that drop
+    Sample i draws its stream, bridge time and noise after ``torch.manual_seed(seeds[i])``, so each loss is that
+    sample's loss in a batch of one (up to float reassociation). Samples whose draw keeps the reference tokens share one forward, those that drop
     them (main stream with --main_stream_references off) another: the two sequences differ in length."""
     draws = []
     for z1, z_main, z_sub, seed in zip(z1s, z_mains, z_subs, seeds):
@@ -316,12 +281,103 @@ def batched_bridge_matching_losses(denoiser: Callable, z1s: list[torch.Tensor], 
     return torch.stack(losses)
 
 
-def LatentBridgeMatchingLoss(pipe, bridge_config: BridgeConfig = BridgeConfig(), **inputs):
-    """Drop-in for diffsynth's FlowMatchSFTLoss(pipe, **inputs): the target is ``input_latents``, the main stream
-    starts from ``edit_latents[0]``, the sub stream from ``white_latents`` (when given)."""
-    models = {name: getattr(pipe, name) for name in pipe.in_iteration_models}
-    denoiser = lambda **kw: pipe.model_fn(**models, **kw)  # noqa: E731
-    edits = inputs["edit_latents"] if isinstance(inputs["edit_latents"], list) else [inputs["edit_latents"]]
-    conditioning = {k: v for k, v in inputs.items() if k not in ("input_latents", "white_latents", "latents", "timestep")}
-    return bridge_matching_loss(denoiser, inputs["input_latents"], edits[0], inputs.get("white_latents"),
-                                conditioning, bridge_config, inputs.get("mask"))
+# ----------------------------------------------------------------------------------------------------------------
+# Objectives as plug-ins: the trainer picks one by name from OBJECTIVES and only calls this interface.
+
+def _placed(samples: list[dict], key: str, device, dtype=None) -> list[torch.Tensor | None]:
+    return [s[key][None].to(device, dtype) if key in s else None for s in samples]
+
+
+class Objective:
+    """What a training objective provides: per-sample losses for a batch (batch 1 is a batch of one), its
+    evaluation metrics, the sampler its validation previews use, and the checks it needs of a cache."""
+
+    name = ""
+    settings_field = ""   # the TrainConfig field holding this objective's settings
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def check_cache(self, reader) -> None:
+        """Refuse a cache this objective cannot train on, before any work starts."""
+
+    def losses(self, denoiser: Callable, samples: list[dict], seeds: list[int], device, dtype, zero_cond_t: bool,
+               gradient_checkpointing: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, denoiser: Callable, samples: list[dict], device, dtype, zero_cond_t: bool,
+                 gradient_checkpointing: bool, autocast: Callable) -> dict:
+        """Fixed-seed loss over the eval samples, four draws each, one sample at a time (comparable across steps)."""
+        losses = []
+        for i, sample in enumerate(samples):
+            for draw in range(4):
+                with autocast():
+                    losses.append(float(self.losses(denoiser, [sample], [1234 + i * 4 + draw], device, dtype,
+                                                    zero_cond_t, gradient_checkpointing)[0]))
+        return {"eval_loss": sum(losses) / len(losses)}
+
+    def validation_sampler(self, steps: int | None, guidance: float, seed: int):
+        raise NotImplementedError
+
+
+class FlowMatching(Objective):
+    """The engine's flow matching (FlowMatchSFTLoss) with mask weighting; previews sample the flow with CFG."""
+
+    name, settings_field = "flow", "flow"
+
+    def __init__(self, settings: FlowMatchConfig):
+        super().__init__(settings)
+        self.scheduler = training_scheduler()
+
+    def losses(self, denoiser, samples, seeds, device, dtype, zero_cond_t, gradient_checkpointing=False):
+        conditioning = collate_conditioning(samples, device, dtype, zero_cond_t, gradient_checkpointing)
+        return flow_matching_losses(denoiser, self.scheduler, _placed(samples, "target", device, dtype), seeds,
+                                    conditioning, self.settings, _placed(samples, "mask", device))
+
+    def validation_sampler(self, steps, guidance, seed):
+        from .sampling import SamplerConfig  # sampling imports this module: a late import breaks the cycle
+        return SamplerConfig(sampler="flow", steps=20 if steps is None else steps, guidance=guidance, seed=seed)
+
+
+class LatentBridgeMatching(Objective):
+    """LBM: the bridge from the first reference (main stream) or the white image (sub stream) to the target;
+    evaluation adds how far one bridge step lands from the target; previews run the bridge sampler."""
+
+    name, settings_field = "lbm", "bridge"
+
+    def check_cache(self, reader) -> None:
+        for record in reader.records:
+            shapes = record["shapes"]
+            if shapes.get("ref.0") != shapes["target"]:
+                raise EditTunerError(
+                    f"--objective lbm: sample {record['id']!r} has its first reference at latent shape "
+                    f"{shapes.get('ref.0')} but the target at {shapes['target']}; the bridge starts from the reference, "
+                    "so both must match. Use same-size source/target pairs and the same pixel budget for both in phase 1.")
+
+    def losses(self, denoiser, samples, seeds, device, dtype, zero_cond_t, gradient_checkpointing=False):
+        conditioning = collate_conditioning(samples, device, dtype, zero_cond_t, gradient_checkpointing)
+        return bridge_matching_losses(denoiser, _placed(samples, "target", device, dtype),
+                                      _placed(samples, "ref.0", device, dtype), _placed(samples, "white", device, dtype),
+                                      seeds, conditioning, self.settings, _placed(samples, "mask", device))
+
+    def evaluate(self, denoiser, samples, device, dtype, zero_cond_t, gradient_checkpointing, autocast):
+        result = super().evaluate(denoiser, samples, device, dtype, zero_cond_t, gradient_checkpointing, autocast)
+        ratios = []
+        for sample in samples:
+            x1 = sample["target"][None].to(device, dtype)
+            conditioning = collate_conditioning([sample], device, dtype, zero_cond_t)
+            z0 = conditioning["edit_latents"][0]
+            if not self.settings.main_stream_references:
+                conditioning["edit_latents"] = None
+            with autocast():
+                out = sample_bridge(denoiser, z0, conditioning, steps=1)
+            ratios.append(float((out - x1).norm() / (z0 - x1).norm()))
+        return {**result, "bridge_1step_distance_ratio": sum(ratios) / len(ratios)}
+
+    def validation_sampler(self, steps, guidance, seed):
+        from .sampling import SamplerConfig  # sampling imports this module: a late import breaks the cycle
+        return SamplerConfig(sampler="bridge", steps=1 if steps is None else steps, seed=seed,
+                             main_stream_references=self.settings.main_stream_references)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"flow": FlowMatching, "lbm": LatentBridgeMatching}

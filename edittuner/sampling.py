@@ -31,14 +31,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .batching import collate_conditioning
 from .atomic import atomic_path, check_output_dir, check_output_file, safe_filename, write_json
-from .cache import (DEFAULT_NEGATIVE_PROMPT, encode_images_and_prompt, fit_reference, make_encoding_pipe,
-                    mask_to_latent_grid, reference_prompt_embedder)
+from .encoding import (DEFAULT_NEGATIVE_PROMPT, encode_images_and_prompt, fit_reference, make_encoding_pipe,
+                       mask_to_latent_grid, reference_prompt_embedder)
 from .errors import EditTunerError
 from .images import MAX_ASPECT_RATIO, ResizeConfig, check_aspect_ratio, load_mask, load_rgb
 from .lora import DEFAULT_MODEL_VERSION, PRESETS, load_lora_and_metadata, load_lora_file
 from .models import ModelSource
-from .objectives import DiTDenoiser, dit_conditioning, sample_bridge
+from .objectives import DiTDenoiser, sample_bridge
 from .performance import PerformanceConfig, load_device, prepare_base
 
 SAMPLERS = ("flow", "bridge")
@@ -138,17 +139,6 @@ def check_lora_fits(dit: torch.nn.Module, state: dict[str, torch.Tensor], path) 
             raise EditTunerError(f"--lora {path}: {name} has A {tuple(a.shape)} / B {tuple(b.shape)}, which does not "
                                  f"fit this base model's {tuple(weight.shape)}; it was trained on another model")
     return pairs
-
-
-def fuse_lora(dit: torch.nn.Module, path: str | Path, strength: float = 1.0) -> None:
-    """W += strength * B @ A with the engine's own LoRA loader (what diffsynth's ``pipe.load_lora`` does); for
-    one-shot use where hooks' extra matmuls are not wanted. Irreversible: the base weights change."""
-    from diffsynth.utils.lora.general import GeneralLoRALoader
-
-    state = load_lora_file(path)
-    check_lora_fits(dit, state, path)
-    loader = GeneralLoRALoader(device=dit.proj_out.weight.device, torch_dtype=dit.proj_out.weight.dtype)
-    loader.fuse_lora_to_base_model(dit, state, alpha=strength)
 
 
 class LoraHooks:
@@ -430,7 +420,7 @@ def sample_edit_latents(dit: torch.nn.Module, encoded: dict[str, torch.Tensor], 
     if not isinstance(zero_cond_t, bool):
         raise TypeError(f"sample_edit_latents: zero_cond_t must be True or False, not {zero_cond_t!r}")
     known = encoded["ref.0"][None].to(device, dtype)
-    conditioning = dit_conditioning(encoded, device, dtype, zero_cond_t, latent_hw=tuple(known.shape[-2:]))
+    conditioning = collate_conditioning([encoded], device, dtype, zero_cond_t, latent_hw=tuple(known.shape[-2:]))
     keep = (mask[None].to(device, dtype), known) if mask is not None else None
     generator = torch.Generator().manual_seed(sampler.seed)
     denoiser = denoiser or DiTDenoiser(dit)

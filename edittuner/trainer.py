@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import defaults
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
-from .batching import collate_conditioning, shape_groups
+from .batching import shape_groups
 from .cache import VALIDATION_SUBDIR, CacheReader
 from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_resume, save_state, write_checkpoint
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
@@ -33,9 +33,7 @@ from .errors import EditTunerError, check_seed
 from .images import ResizeConfig
 from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
 from .models import ModelSource
-from .objectives import (BridgeConfig, DiTDenoiser, FlowMatchConfig, batched_bridge_matching_losses,
-                         batched_flow_matching_losses, bridge_matching_loss, dit_conditioning, flow_matching_loss,
-                         sample_bridge, training_scheduler)
+from .objectives import OBJECTIVES, BridgeConfig, DiTDenoiser, FlowMatchConfig, Objective
 from .performance import PerformanceConfig, attention_backend, load_device, place_dit, prepare_base
 from .sampling import SamplerConfig, decode_latents, sample_edit_latents, validation_grid
 from .tracking import REPORT_TO, Tracker
@@ -92,8 +90,8 @@ class TrainConfig:
         self.alpha = float(self.alpha if self.alpha is not None else self.rank)
         if self.optimizer not in ("adamw", "prodigy_sf"):
             raise EditTunerError(f"--optimizer {self.optimizer}: choose adamw or prodigy_sf")
-        if self.objective not in ("flow", "lbm"):
-            raise EditTunerError(f"--objective {self.objective}: choose flow or lbm")
+        if self.objective not in OBJECTIVES:
+            raise EditTunerError(f"--objective {self.objective}: choose {' or '.join(OBJECTIVES)}")
         schedule_free = self.optimizer == "prodigy_sf"
         if schedule_free and self.max_grad_norm:
             raise EditTunerError(f"--max_grad_norm {self.max_grad_norm}: gradient clipping is refused with "
@@ -135,12 +133,8 @@ class TrainConfig:
     @property
     def validation_sampler(self) -> SamplerConfig:
         """Previews sample as the objective trains: flow with CFG, or the bridge from the first reference."""
-        steps = self.validation_inference_steps
-        if self.objective == "lbm":
-            return SamplerConfig(sampler="bridge", steps=1 if steps is None else steps, seed=self.seed,
-                                 main_stream_references=self.bridge.main_stream_references)
-        return SamplerConfig(sampler="flow", steps=20 if steps is None else steps, guidance=self.validation_guidance,
-                             seed=self.seed)
+        return make_objective(self).validation_sampler(self.validation_inference_steps, self.validation_guidance,
+                                                       self.seed)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -174,14 +168,10 @@ class _ScheduleFreeEval:
         return False
 
 
-def check_bridge_shapes(reader: CacheReader) -> None:
-    for record in reader.records:
-        shapes = record["shapes"]
-        if shapes.get("ref.0") != shapes["target"]:
-            raise EditTunerError(
-                f"--objective lbm: sample {record['id']!r} has its first reference at latent shape {shapes.get('ref.0')} "
-                f"but the target at {shapes['target']}; the bridge starts from the reference, so both must match. "
-                "Use same-size source/target pairs and the same pixel budget for both in phase 1.")
+def make_objective(cfg: TrainConfig) -> Objective:
+    """The run's objective, picked by name from the registry, with its own settings (cfg.flow or cfg.bridge)."""
+    kind = OBJECTIVES[cfg.objective]
+    return kind(getattr(cfg, kind.settings_field))
 
 
 @lru_cache(maxsize=2)
@@ -446,261 +436,244 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         return _train(cfg, progress)
 
 
-def _train(cfg: TrainConfig, progress: bool) -> dict:
-    mixed = resolve_mixed(cfg)
-    accelerator = make_runtime(cfg, mixed)
-    output_dir = Path(cfg.output_dir)
-    resume_dir = resolve_resume(cfg.resume, output_dir) if cfg.resume else None
-
-    reader = CacheReader(cfg.cache_dir, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint(),
-                         expected_model_version=cfg.model_version)
-    if cfg.objective == "lbm":
-        check_bridge_shapes(reader)
-    weight_dtype = torch.bfloat16 if mixed == "bf16" else torch.float32
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                zero_stage: int | None = None) -> tuple[torch.nn.Module, list]:
+    """The DiT as phase 2 trains it, and its LoRA parameters: levers checked, base loaded where the levers want it,
+    quantized, LoRA from the run's seed, placed on the device."""
     levers = cfg.performance
-    levers.check(accelerator.device, weight_dtype, zero_stage=accelerator.zero_stage, batch_size=cfg.batch_size,
+    levers.check(device, dtype, zero_stage=zero_stage, batch_size=cfg.batch_size,
                  gradient_checkpointing=cfg.gradient_checkpointing)
-    dit = cfg.model.load_dit(dtype=weight_dtype, device=load_device(levers, accelerator.device))
-    prepare_base(dit, levers, accelerator.device)
+    where = load_device(levers, device)
+    dit = cfg.model.load_dit(dtype=dtype, device=where)
+    prepare_base(dit, levers, device)
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices come from the global RNG
     inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
-    place_dit(dit, levers, accelerator.device)
-    params = [p for _, p in lora_parameters(dit)]
+    place_dit(dit, levers, device)
+    return dit, [p for _, p in lora_parameters(dit)]
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.Tensor]):
+    """The optimizer and its lr schedule (linear warm-up, then constant)."""
     if cfg.optimizer == "prodigy_sf":
         from prodigyplus.prodigy_plus_schedulefree import ProdigyPlusScheduleFree
         optimizer = ProdigyPlusScheduleFree(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    base_optimizer = optimizer
     warmup = cfg.warmup_steps
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    denoiser = DiTDenoiser(dit)
-    # The frozen base is the same on every rank (the same file, or the tiny model from its seed): DDP need not
-    # broadcast it at start (40 GB at real size), and cannot broadcast a quantized tensor.
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        denoiser, [n for n, p in denoiser.named_parameters() if not p.requires_grad]
-        + [n for n, _ in denoiser.named_buffers()])
-    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    scheduler = training_scheduler()
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
 
-    start_step, last_loss = 0, float("nan")
-    settings = run_settings(cfg, mixed, reader)
-    run_id = uuid.uuid4().hex[:12]   # keep_last prunes this run's checkpoints only
 
-    def averaged_weights():
+class TrainingRun:
+    """One phase-2 run's state and the parts that act on it: resume, one optimizer step, evaluation, checkpoints
+    and the final LoRA. The runtime (accelerate or DeepSpeed) is only reached through its explicit interface."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.mixed = cfg, resolve_mixed(cfg)
+        self.runtime = runtime = make_runtime(cfg, self.mixed)
+        self.output_dir = Path(cfg.output_dir)
+        self.reader = CacheReader(cfg.cache_dir, expected_resize=cfg.resize,
+                                  expected_encoders=cfg.model.encoder_fingerprint(),
+                                  expected_model_version=cfg.model_version)
+        self.objective = make_objective(cfg)
+        self.objective.check_cache(self.reader)
+        self.dtype = torch.bfloat16 if self.mixed == "bf16" else torch.float32
+        self.dit, self.params = build_model(cfg, runtime.device, self.dtype, runtime.zero_stage)
+        optimizer, self.lr_schedule = make_optimizer(cfg, self.params)
+        # Schedule-free eval()/train() go to the unwrapped optimizer: accelerate's wrapper has not always forwarded them.
+        self.schedule_free = optimizer if cfg.optimizer == "prodigy_sf" else None
+        denoiser = DiTDenoiser(self.dit)
+        # The frozen base is the same on every rank (the same file, or the tiny model from its seed): DDP need not
+        # broadcast it at start (40 GB at real size), and cannot broadcast a quantized tensor.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            denoiser, [n for n, p in denoiser.named_parameters() if not p.requires_grad]
+            + [n for n, _ in denoiser.named_buffers()])
+        self.denoiser, self.optimizer = runtime.prepare(denoiser, optimizer)
+        self.start_step, self.last_loss = 0, float("nan")
+        self.settings = run_settings(cfg, self.mixed, self.reader)
+        self.run_id = uuid.uuid4().hex[:12]   # keep_last prunes this run's checkpoints only
+        self.metadata = {"format": "diffsynth", "base_model": f"Qwen-Image-Edit-{cfg.model_version}",
+                         "rank": str(cfg.rank), "alpha": str(cfg.alpha), "alpha_folded_into_lora_B": "true",
+                         "target_modules": list(cfg.lora_targets), "zero_cond_t": str(cfg.zero_cond_t).lower()}
+        self.eval_set = [self.reader.load(i) for i in range(min(cfg.eval_samples, len(self.reader)))]
+
+    def averaged_weights(self) -> _ScheduleFreeEval:
         """Schedule-free optimizers train on an interpolation and keep the average apart: anything that reads the
-        weights (evaluation, checkpoints, the final LoRA) must see the average. Called on the unwrapped optimizer,
-        since accelerate's wrapper has not always forwarded eval()/train()."""
-        return _ScheduleFreeEval(base_optimizer if cfg.optimizer == "prodigy_sf" else None, params)
+        weights (evaluation, checkpoints, the final LoRA) must see the average."""
+        return _ScheduleFreeEval(self.schedule_free, self.params)
 
-    if resume_dir is not None:
+    def resume(self, resume_dir: Path) -> None:
+        cfg, runtime = self.cfg, self.runtime
         trainer_state = read_trainer_state(resume_dir)
-        check_resume_layout(resume_dir, trainer_state, accelerator)
-        changes = check_resume_settings(resume_dir, trainer_state, cfg, settings)
-        if accelerator.zero_stage:
-            # Each rank's shard holds its fp32 master partition too: loading it restores the LoRA exactly.
-            accelerator.load_optimizer_shard(optimizer, load_state(resume_dir, f"optimizer.rank{accelerator.process_index}"))
-        else:
-            set_lora_state(dit, load_lora_file(resume_dir / "lora.safetensors"), cfg.rank, cfg.alpha)
-            # The checkpoint holds the averaged weights and the optimizer state saved in eval mode; loading both
-            # and switching to train mode rebuilds the training view exactly.
-            optimizer.load_state_dict(load_state(resume_dir, "optimizer"))
-        if cfg.optimizer == "prodigy_sf":
-            base_optimizer.train()
+        check_resume_layout(resume_dir, trainer_state, runtime)
+        changes = check_resume_settings(resume_dir, trainer_state, cfg, self.settings)
+        # The checkpoint holds the averaged weights and the optimizer state saved in eval mode; loading both and
+        # switching to train mode rebuilds the training view exactly.
+        runtime.load_optimizer(self.optimizer, resume_dir, lambda: set_lora_state(
+            self.dit, load_lora_file(resume_dir / "lora.safetensors"), cfg.rank, cfg.alpha))
+        if self.schedule_free is not None:
+            self.schedule_free.train()
             if (resume_dir / "training_view.safetensors").exists():  # bitwise, not the fp32 lerp round trip
                 with torch.no_grad():
-                    for p, kept in zip(params, load_state(resume_dir, "training_view")):
+                    for p, kept in zip(self.params, load_state(resume_dir, "training_view")):
                         p.copy_(kept)
         # The schedule's lambda is code, not state: load the counters only.
-        lr_schedule.load_state_dict({**trainer_state["lr_schedule"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+        self.lr_schedule.load_state_dict({**trainer_state["lr_schedule"],
+                                          "lr_lambdas": [None] * len(self.optimizer.param_groups)})
         if changes:
-            apply_setting_changes(lr_schedule, cfg)
-            if accelerator.is_main_process:
+            apply_setting_changes(self.lr_schedule, cfg)
+            if runtime.is_main_process:
                 print(f"resume from {resume_dir}: " + ", ".join(changes) + f" from step {trainer_state['step'] + 1}")
-        start_step, run_id = trainer_state["step"], trainer_state.get("run_id", run_id)
-        last_loss = last_loss if trainer_state.get("loss") is None else trainer_state["loss"]
+        self.start_step, self.run_id = trainer_state["step"], trainer_state.get("run_id", self.run_id)
+        self.last_loss = self.last_loss if trainer_state.get("loss") is None else trainer_state["loss"]
 
-    metadata = {"format": "diffsynth", "base_model": f"Qwen-Image-Edit-{cfg.model_version}",
-                "rank": str(cfg.rank), "alpha": str(cfg.alpha), "alpha_folded_into_lora_B": "true",
-                "target_modules": list(cfg.lora_targets), "zero_cond_t": str(cfg.zero_cond_t).lower()}
-
-    def save_checkpoint(step: int) -> Path:
-        with averaged_weights() as view, accelerator.gathered(params):
-            state = lora_state_dict(dit, cfg.rank, cfg.alpha)
-            optimizer_state = accelerator.optimizer_state(optimizer)
-        shards = None
-        if accelerator.zero_stage:
-            # Every rank writes its optimizer shard beside the checkpoint; the main process moves them in, so the
-            # checkpoint still appears in one rename.
-            shards = output_dir / "checkpoints" / f".step-{step}.shards"
-            if accelerator.is_main_process:
-                shutil.rmtree(shards, ignore_errors=True)
-                shards.mkdir(parents=True)
-            accelerator.wait_for_everyone()
-            save_state(shards, f"optimizer.rank{accelerator.process_index}", accelerator.optimizer_shard(optimizer))
-            accelerator.wait_for_everyone()
+    def save_checkpoint(self, step: int) -> Path | None:
+        cfg, runtime = self.cfg, self.runtime
+        checkpoints = self.output_dir / "checkpoints"
+        staging = checkpoints / f".step-{step}.shards"
+        with self.averaged_weights() as view:
+            with runtime.gathered(self.params):
+                state = lora_state_dict(self.dit, cfg.rank, cfg.alpha)
+            write_optimizer = runtime.save_optimizer(self.optimizer, staging)
+        trainer_state = {"step": step, "seed": cfg.seed, "processes": runtime.num_processes,
+                         "zero_stage": runtime.zero_stage, "run_id": self.run_id, "loss": self.last_loss, **self.settings,
+                         "lr_schedule": {k: v for k, v in self.lr_schedule.state_dict().items() if k != "lr_lambdas"}}
 
         def files(tmp: Path):
-            save_lora(tmp / "lora.safetensors", state, metadata)
-            if optimizer_state is not None:
-                save_state(tmp, "optimizer", optimizer_state)
-            for shard in sorted(shards.iterdir()) if shards else ():
-                os.replace(shard, tmp / shard.name)
+            save_lora(tmp / "lora.safetensors", state, self.metadata)
+            write_optimizer(tmp)
             if view.training_view is not None:
                 save_state(tmp, "training_view", view.training_view)
-            write_json(tmp / "trainer_state.json", {"step": step, "seed": cfg.seed, "processes": accelerator.num_processes,
-                                                    "zero_stage": accelerator.zero_stage, "run_id": run_id,
-                                                    "loss": last_loss, **settings,
-                                                    "lr_schedule": {k: v for k, v in lr_schedule.state_dict().items()
-                                                                    if k != "lr_lambdas"}})
+            write_json(tmp / "trainer_state.json", trainer_state)
         path = None
-        if accelerator.is_main_process:
+        if runtime.is_main_process:
             try:
-                path = write_checkpoint(output_dir / "checkpoints", step, files, cfg.keep_last, run_id)
+                path = write_checkpoint(checkpoints, step, files, cfg.keep_last, self.run_id)
             finally:
-                if shards:
-                    shutil.rmtree(shards, ignore_errors=True)
-        accelerator.wait_for_everyone()
+                shutil.rmtree(staging, ignore_errors=True)
+        runtime.wait_for_everyone()
         return path
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / "config.json", {**cfg.to_json(), "resolved": {
-            "mixed_precision": mixed, "processes": accelerator.num_processes, "device": str(accelerator.device),
-            "performance": levers.describe(),
-            "cache_samples": len(reader), "lora_modules": len(params) // 2}})
-    tracker = None
-    if accelerator.is_main_process:
-        tracker = Tracker(output_dir, cfg.report_to, {**cfg.to_json(), "processes": accelerator.num_processes},
-                          start_step=start_step, resumed=resume_dir is not None)
-
-    def sample_loss(sample: dict) -> torch.Tensor:
-        x1 = sample["target"][None].to(accelerator.device, weight_dtype)
-        conditioning = dit_conditioning(sample, accelerator.device, weight_dtype, cfg.zero_cond_t,
-                                        cfg.gradient_checkpointing)
-        mask = sample["mask"][None].to(accelerator.device) if "mask" in sample else None
-        with accelerator.autocast():
-            if cfg.objective == "lbm":
-                white = sample["white"][None].to(accelerator.device, weight_dtype)
-                return bridge_matching_loss(denoiser, x1, conditioning["edit_latents"][0], white, conditioning,
-                                            cfg.bridge, mask)
-            return flow_matching_loss(denoiser, scheduler, x1, conditioning, cfg.flow, mask)
-
-    def group_losses(samples: list[dict], positions: list[int]) -> torch.Tensor:
-        """Per-sample losses of same-shape samples in batched forwards; sample k draws with position k's seed."""
-        x0s = [s["target"][None].to(accelerator.device, weight_dtype) for s in samples]
-        conditioning = collate_conditioning(samples, accelerator.device, weight_dtype, cfg.zero_cond_t,
-                                            cfg.gradient_checkpointing)
-        masks = [s["mask"][None].to(accelerator.device) if "mask" in s else None for s in samples]
-        seeds = [seed_for_position(cfg.seed, p) for p in positions]
-        with accelerator.autocast():
-            if cfg.objective == "lbm":
-                starts = [s["ref.0"][None].to(accelerator.device, weight_dtype) for s in samples]
-                whites = [s["white"][None].to(accelerator.device, weight_dtype) for s in samples]
-                return batched_bridge_matching_losses(denoiser, x0s, starts, whites, seeds, conditioning,
-                                                      cfg.bridge, masks)
-            return batched_flow_matching_losses(denoiser, scheduler, x0s, seeds, conditioning, cfg.flow, masks)
-
-    eval_set = [reader.load(i) for i in range(min(cfg.eval_samples, len(reader)))]
-
-    def evaluate() -> dict:
-        """Fixed-seed loss over the eval samples (comparable across steps) and, for LBM, how far 1-step bridge
-        sampling lands from the target relative to where it started."""
-        if not eval_set:
+    def evaluate(self) -> dict:
+        """The objective's fixed-seed metrics on the eval samples, on the averaged weights, RNG left untouched."""
+        if not self.eval_set:
             return {}
-        result = {}
-        with averaged_weights(), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            losses = []
-            for i, sample in enumerate(eval_set):
-                for draw in range(4):
-                    torch.manual_seed(1234 + i * 4 + draw)
-                    losses.append(float(sample_loss(sample)))
-            result["eval_loss"] = sum(losses) / len(losses)
-            if cfg.objective == "lbm":
-                ratios = []
-                for sample in eval_set:
-                    x1 = sample["target"][None].to(accelerator.device, weight_dtype)
-                    conditioning = dit_conditioning(sample, accelerator.device, weight_dtype, cfg.zero_cond_t)
-                    z0 = conditioning["edit_latents"][0]
-                    if not cfg.bridge.main_stream_references:
-                        conditioning["edit_latents"] = None
-                    with accelerator.autocast():
-                        out = sample_bridge(denoiser, z0, conditioning, steps=1)
-                    ratios.append(float((out - x1).norm() / (z0 - x1).norm()))
-                result["bridge_1step_distance_ratio"] = sum(ratios) / len(ratios)
-        return result
+        with self.averaged_weights(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return self.objective.evaluate(self.denoiser, self.eval_set, self.runtime.device, self.dtype,
+                                           self.cfg.zero_cond_t, self.cfg.gradient_checkpointing, self.runtime.autocast)
 
-    validation = ValidationPreviews.open(cfg, accelerator, dit, denoiser, weight_dtype, output_dir)
+    def group_losses(self, step: int, samples: list[dict], positions: list[int], indices: list[int]) -> torch.Tensor:
+        """Per-sample losses of same-shape samples in one forward; each draws after its position's seed."""
+        with self.runtime.autocast():
+            losses = self.objective.losses(self.denoiser, samples, [seed_for_position(self.cfg.seed, p) for p in positions],
+                                           self.runtime.device, self.dtype, self.cfg.zero_cond_t,
+                                           self.cfg.gradient_checkpointing)
+        bad = [i for i, value in enumerate(losses.detach()) if not torch.isfinite(value)]
+        if bad:
+            raise EditTunerError(f"step {step + 1}: loss is {losses[bad[0]].item()} on sample "
+                                 f"{self.reader.records[indices[bad[0]]]['id']}; lower --learning_rate or check that "
+                                 "sample; the last checkpoint is kept")
+        return losses
 
-    def previews(step: int) -> dict:
-        with averaged_weights():
-            return validation.write(step, tracker) if validation else {}
+    def step(self, step: int, stop_requested: bool) -> tuple[dict, bool]:
+        """One optimizer step over accumulation x processes x batch samples; returns its metrics and whether any
+        rank asked to stop (the stop flag travels with the loss in one reduce, so every rank stops together)."""
+        cfg, runtime = self.cfg, self.runtime
+        start = time.perf_counter()
+        world, rank, ga, batch = runtime.num_processes, runtime.process_index, cfg.gradient_accumulation, cfg.batch_size
+        total = torch.zeros((), device=runtime.device)
+        for micro in range(ga):
+            # A micro-step takes batch_size consecutive global positions (batch 1: position k is micro-step k's),
+            # split into groups of equal latent shapes, each group one forward.
+            first = ((step * ga + micro) * world + rank) * batch
+            positions = list(range(first, first + batch))
+            indices = [sample_at(p, len(self.reader), cfg.seed) for p in positions]
+            samples = [self.reader.load(i) for i in indices]
+            groups = shape_groups(samples)
+            for g, group in enumerate(groups):
+                sync = micro == ga - 1 and g == len(groups) - 1
+                with runtime.no_sync(self.denoiser) if not sync else nullcontext():
+                    losses = self.group_losses(step, [samples[i] for i in group], [positions[i] for i in group],
+                                               [indices[i] for i in group])
+                    # Each group weighs by its share of the micro-step: the total is the mean over its samples.
+                    runtime.backward(losses.mean() * len(group) / batch / ga)
+                total += losses.detach().float().sum() / batch
+        grad_norm = runtime.clip_grad_norm(self.params, cfg.max_grad_norm)
+        lr = self.lr_schedule.get_last_lr()[0]   # the lr this step used
+        runtime.optimizer_step(self.optimizer)
+        self.lr_schedule.step()
+        loss_and_stop = runtime.reduce(torch.stack([total / ga, torch.tensor(float(stop_requested),
+                                                                             device=total.device)]), "mean")
+        self.last_loss = float(loss_and_stop[0])
+        step_time = time.perf_counter() - start
+        record = {"step": step + 1, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm,
+                  "step_time_s": step_time, "samples_per_s": ga * world * batch / step_time}
+        if self.schedule_free is not None:
+            group = self.schedule_free.param_groups[0]
+            record["d"], record["d_lr"] = group["d"], group["d"] * group["lr"]
+        return record, bool(loss_and_stop[1] > 0)
 
-    eval_start = evaluate()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    ga, batch = cfg.gradient_accumulation, cfg.batch_size
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="phase 2", unit="step",
-               disable=not (progress and accelerator.is_main_process))
-    stopped_early, done = False, start_step
-    denoiser.train()
+    def write_config(self) -> None:
+        if self.runtime.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.output_dir / "config.json", {**self.cfg.to_json(), "resolved": {
+                "mixed_precision": self.mixed, "processes": self.runtime.num_processes,
+                "device": str(self.runtime.device), "performance": self.cfg.performance.describe(),
+                "cache_samples": len(self.reader), "lora_modules": len(self.params) // 2}})
+
+    def finish(self, eval_start: dict) -> dict:
+        """The final evaluation, the LoRA file (averaged weights, gathered) and summary.json."""
+        cfg, runtime = self.cfg, self.runtime
+        lora_path = self.output_dir / "lora.safetensors"
+        eval_end = self.evaluate()
+        summary = {"steps": cfg.max_steps, "loss": self.last_loss, "lora": str(lora_path), "stopped": False,
+                   **{f"{k}_start": v for k, v in eval_start.items()}, **{f"{k}_end": v for k, v in eval_end.items()}}
+        with self.averaged_weights(), runtime.gathered(self.params):
+            final_state = lora_state_dict(self.dit, cfg.rank, cfg.alpha)
+        if runtime.is_main_process:
+            save_lora(lora_path, final_state, self.metadata)
+            write_json(self.output_dir / "summary.json", summary)
+        runtime.wait_for_everyone()
+        return summary
+
+
+def memory_record() -> dict:
+    if torch.cuda.is_available():
+        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak_memory_gb": peak_rss_gb()}
+
+
+def _train(cfg: TrainConfig, progress: bool) -> dict:
+    run = TrainingRun(cfg)
+    runtime, main = run.runtime, run.runtime.is_main_process
+    resume_dir = resolve_resume(cfg.resume, run.output_dir) if cfg.resume else None
+    if resume_dir is not None:
+        run.resume(resume_dir)
+    run.write_config()
+    tracker = None
+    if main:
+        tracker = Tracker(run.output_dir, cfg.report_to, {**cfg.to_json(), "processes": runtime.num_processes},
+                          start_step=run.start_step, resumed=resume_dir is not None)
+    validation = ValidationPreviews.open(cfg, runtime, run.dit, run.denoiser, run.dtype, run.output_dir)
+    eval_start = run.evaluate()
+    bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc="phase 2", unit="step", disable=not (progress and main))
+    stopped_early, done = False, run.start_step
+    run.denoiser.train()
     with GracefulStop() as stop:
-        for step in range(start_step, cfg.max_steps):
-            step_start = time.perf_counter()
-            total = torch.zeros((), device=accelerator.device)
-            for micro in range(ga):
-                # A micro-step takes batch_size consecutive global positions (batch 1: position k is micro-step
-                # k's), split into groups of equal latent shapes, each group one batched forward.
-                first = ((step * ga + micro) * world + rank) * batch
-                positions = list(range(first, first + batch))
-                indices = [sample_at(p, len(reader), cfg.seed) for p in positions]
-                samples = [reader.load(i) for i in indices]
-                groups = shape_groups(samples)
-                for g, group in enumerate(groups):
-                    sync = micro == ga - 1 and g == len(groups) - 1
-                    with accelerator.no_sync(denoiser) if not sync else nullcontext():
-                        if batch == 1:
-                            torch.manual_seed(seed_for_position(cfg.seed, positions[0]))
-                            losses = sample_loss(samples[0])[None]
-                        else:
-                            losses = group_losses([samples[i] for i in group], [positions[i] for i in group])
-                        bad = [i for i, value in zip(group, losses.detach()) if not torch.isfinite(value)]
-                        if bad:
-                            raise EditTunerError(f"step {step + 1}: loss is {losses[group.index(bad[0])].item()} on "
-                                                 f"sample {reader.records[indices[bad[0]]]['id']}; lower "
-                                                 "--learning_rate or check that sample; the last checkpoint is kept")
-                        # Each group weighs by its share of the micro-step: the total is the mean over its samples.
-                        loss = losses.mean()
-                        accelerator.backward(loss * len(group) / batch / ga)
-                    total += losses.detach().float().sum() / batch
-            grad_norm = accelerator.clip_grad_norm(params, cfg.max_grad_norm)
-            lr = lr_schedule.get_last_lr()[0]   # the lr this step used
-            accelerator.optimizer_step(optimizer)
-            lr_schedule.step()
-            # One reduce for the loss and the stop flag: a signal to any rank stops every rank at the same step.
-            loss_and_stop = accelerator.reduce(torch.stack([total / ga, torch.tensor(float(stop.requested),
-                                                                                     device=total.device)]), "mean")
-            last_loss, stop_now = float(loss_and_stop[0]), bool(loss_and_stop[1] > 0)
-            step_time = time.perf_counter() - step_start
-            record = {"step": step + 1, "loss": last_loss, "lr": lr,
-                      "grad_norm": grad_norm, "step_time_s": step_time, "samples_per_s": ga * world * batch / step_time}
-            if cfg.optimizer == "prodigy_sf":
-                group = base_optimizer.param_groups[0]
-                record["d"], record["d_lr"] = group["d"], group["d"] * group["lr"]
+        for step in range(run.start_step, cfg.max_steps):
+            record, stop_now = run.step(step, stop.requested)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                record.update(evaluate())
+                record.update(run.evaluate())
             if validation and ((step + 1) % validation.every == 0 or step + 1 == cfg.max_steps):
-                record.update(previews(step + 1))
-            if torch.cuda.is_available():
-                record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            else:
-                record["peak_memory_gb"] = peak_rss_gb()
+                with run.averaged_weights():
+                    record.update(validation.write(step + 1, tracker))
+            record.update(memory_record())
             if tracker:
                 tracker.log(record)
             bar.update()
-            bar.set_postfix(loss=f"{last_loss:.4f}")
+            bar.set_postfix(loss=f"{run.last_loss:.4f}")
             done = step + 1
             if done % cfg.save_every == 0 or done == cfg.max_steps or stop_now:
-                save_checkpoint(done)
+                run.save_checkpoint(done)
             if stop_now and done < cfg.max_steps:
                 stopped_early = True
                 break
@@ -708,18 +681,8 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
     if tracker:
         tracker.close()
     if stopped_early:
-        if accelerator.is_main_process:
+        if main:
             print(f"stopped at step {done}; checkpoint written. Resume with --resume latest "
-                  f"(or --resume {output_dir / 'checkpoints' / f'step-{done}'})")
-        return {"steps": done, "loss": last_loss, "lora": None, "stopped": True}
-    lora_path = output_dir / "lora.safetensors"
-    eval_end = evaluate()
-    summary = {"steps": cfg.max_steps, "loss": last_loss, "lora": str(lora_path), "stopped": False,
-               **{f"{k}_start": v for k, v in eval_start.items()}, **{f"{k}_end": v for k, v in eval_end.items()}}
-    with averaged_weights(), accelerator.gathered(params):
-        final_state = lora_state_dict(dit, cfg.rank, cfg.alpha)
-    if accelerator.is_main_process:
-        save_lora(lora_path, final_state, metadata)
-        write_json(output_dir / "summary.json", summary)
-    accelerator.wait_for_everyone()
-    return summary
+                  f"(or --resume {run.output_dir / 'checkpoints' / f'step-{done}'})")
+        return {"steps": done, "loss": run.last_loss, "lora": None, "stopped": True}
+    return run.finish(eval_start)

@@ -71,3 +71,16 @@ def run_cli(*args, env=None, cwd=ROOT):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "edittuner", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd)
+
+
+def fuse_lora(dit, path, strength: float = 1.0) -> None:
+    """The engine's own fusion, W += strength * B @ A (what diffsynth's ``pipe.load_lora`` does): the independent
+    reference our LoRA hooks and file layouts are checked against. Refuses a LoRA that does not fit, as the hooks do."""
+    from diffsynth.utils.lora.general import GeneralLoRALoader
+
+    from edittuner.lora import load_lora_file
+    from edittuner.sampling import check_lora_fits
+    state = load_lora_file(path)
+    check_lora_fits(dit, state, path)
+    loader = GeneralLoRALoader(device=dit.proj_out.weight.device, torch_dtype=dit.proj_out.weight.dtype)
+    loader.fuse_lora_to_base_model(dit, state, alpha=strength)

@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_cli, tiny_dit_with_lora
 from edittuner.batching import batched_model_fn, collate_conditioning, shape_groups
 from edittuner.errors import EditTunerError
-from edittuner.objectives import (DiTDenoiser, FlowMatchConfig, batched_flow_matching_losses, dit_conditioning,
-                                  flow_matching_loss, training_scheduler)
+from edittuner.objectives import DiTDenoiser, FlowMatchConfig, flow_matching_losses, training_scheduler
 from edittuner.tiny import TINY_TEXT_DIM, build_tiny_dit
 from edittuner.tracking import read_metrics
 from edittuner.trainer import TrainConfig, make_runtime, train
@@ -38,7 +37,7 @@ def test_batched_forward_equals_engine_calls_per_sample(zero_cond_t):
     batched = batched_model_fn(dit, latents, timesteps, **conditioning)
     for i in range(3):
         alone = model_fn_qwen_image(dit=dit, latents=latents[i:i + 1], timestep=timesteps[i:i + 1],
-                                    **dit_conditioning(samples[i], "cpu", torch.float32, zero_cond_t))
+                                    **collate_conditioning([samples[i]], "cpu", torch.float32, zero_cond_t))
         assert (batched[i:i + 1] - alone).abs().max() < 1e-5
 
 
@@ -53,16 +52,16 @@ def test_batched_losses_and_gradients_equal_mean_of_batch_1(demo_cache):
     seeds = [11, 12, 13]
     per_sample = []
     for sample, seed in zip(samples, seeds):
-        torch.manual_seed(seed)
-        loss = flow_matching_loss(denoiser, scheduler, sample["target"][None],
-                                  dit_conditioning(sample, "cpu", torch.float32, True), cfg, sample["mask"][None])
+        loss = flow_matching_losses(denoiser, scheduler, [sample["target"][None]], [seed],
+                                    collate_conditioning([sample], "cpu", torch.float32, True), cfg,
+                                    [sample["mask"][None]])[0]
         (loss / len(samples)).backward()
         per_sample.append(loss.detach())
     grads_1 = [p.grad.clone() for p in lora]
     dit.zero_grad(set_to_none=True)
-    losses = batched_flow_matching_losses(denoiser, scheduler, [s["target"][None] for s in samples], seeds,
-                                          collate_conditioning(samples, "cpu", torch.float32, True), cfg,
-                                          [s["mask"][None] for s in samples])
+    losses = flow_matching_losses(denoiser, scheduler, [s["target"][None] for s in samples], seeds,
+                                  collate_conditioning(samples, "cpu", torch.float32, True), cfg,
+                                  [s["mask"][None] for s in samples])
     losses.mean().backward()
     torch.testing.assert_close(losses.detach(), torch.stack(per_sample), rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_1, (p.grad for p in lora)):
@@ -142,7 +141,7 @@ def test_batched_bridge_losses_and_gradients_equal_batch_1(same_shape_cache, mai
     and sub streams; with the references dropped from the main stream the batch splits into two forwards (one of
     a single sample, whose padded prompt is trimmed). Losses and gradients equal the batch-1 ones."""
     from edittuner.cache import CacheReader
-    from edittuner.objectives import BridgeConfig, batched_bridge_matching_losses, bridge_matching_loss
+    from edittuner.objectives import BridgeConfig, bridge_matching_losses
     dit = tiny_dit_with_lora()
     reader = CacheReader(same_shape_cache)
     samples = [reader.load(i) for i in range(3)]
@@ -154,18 +153,17 @@ def test_batched_bridge_losses_and_gradients_equal_batch_1(same_shape_cache, mai
     for sample, seed in zip(samples, seeds):
         torch.manual_seed(seed)
         streams.append(float(torch.rand(())) < cfg.sub_stream_probability)
-        torch.manual_seed(seed)
-        conditioning = dit_conditioning(sample, "cpu", torch.float32, True)
-        loss = bridge_matching_loss(denoiser, sample["target"][None], conditioning["edit_latents"][0],
-                                    sample["white"][None], conditioning, cfg)
+        conditioning = collate_conditioning([sample], "cpu", torch.float32, True)
+        loss = bridge_matching_losses(denoiser, [sample["target"][None]], [conditioning["edit_latents"][0]],
+                                      [sample["white"][None]], [seed], conditioning, cfg)[0]
         (loss / len(samples)).backward()
         per_sample.append(loss.detach())
     assert len(set(streams)) == 2, streams
     grads_1 = [p.grad.clone() for p in lora]
     dit.zero_grad(set_to_none=True)
-    losses = batched_bridge_matching_losses(denoiser, [s["target"][None] for s in samples],
-                                            [s["ref.0"][None] for s in samples], [s["white"][None] for s in samples],
-                                            seeds, collate_conditioning(samples, "cpu", torch.float32, True), cfg)
+    losses = bridge_matching_losses(denoiser, [s["target"][None] for s in samples],
+                                    [s["ref.0"][None] for s in samples], [s["white"][None] for s in samples],
+                                    seeds, collate_conditioning(samples, "cpu", torch.float32, True), cfg)
     losses.mean().backward()
     torch.testing.assert_close(losses.detach(), torch.stack(per_sample), rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_1, (p.grad for p in lora)):

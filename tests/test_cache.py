@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from edittuner.cache import (CacheReader, PrecomputeConfig, make_encoding_pipe, precompute_cache,
-                             prepare_images)
+from edittuner.cache import CacheReader, PrecomputeConfig, precompute_cache
+from edittuner.encoding import make_encoding_pipe, prepare_images
 from edittuner.dataset import load_dataset
 from edittuner.errors import EditTunerError
 from edittuner.images import ResizeConfig

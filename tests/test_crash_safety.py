@@ -16,17 +16,17 @@ def _cfg(cache, resize, out, **kw):
 
 
 def test_nan_loss_stops_with_step_and_sample_and_keeps_the_last_checkpoint(demo_cache, resize, tmp_path, monkeypatch):
-    import edittuner.trainer as trainer_module
+    from edittuner.objectives import FlowMatching
 
     calls = {"n": 0}
-    original = trainer_module.flow_matching_loss
+    original = FlowMatching.losses
 
-    def poisoned(*args, **kwargs):
+    def poisoned(self, *args, **kwargs):
         calls["n"] += 1
-        loss = original(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 5 else loss  # the 5th sample: step 5
+        losses = original(self, *args, **kwargs)
+        return losses * float("nan") if calls["n"] == 5 else losses  # the 5th batch of one: step 5
 
-    monkeypatch.setattr(trainer_module, "flow_matching_loss", poisoned)
+    monkeypatch.setattr(FlowMatching, "losses", poisoned)
     out = tmp_path / "run"
     with pytest.raises(EditTunerError, match=r"step 5: loss is nan on sample \w+.*last checkpoint is kept"):
         train(_cfg(demo_cache, resize, out), progress=False)

@@ -23,7 +23,8 @@ from benchmarks.flops import (DiTShape, dit_forward_flops, edit_prompt_tokens, f
                               lora_training_step_flops, mfu, peak_tflops_for, real_2511_shape)
 from edittuner.lora import PRESETS, inject_lora
 from edittuner.models import EditDiT
-from edittuner.objectives import DiTDenoiser, dit_conditioning
+from edittuner.batching import collate_conditioning
+from edittuner.objectives import DiTDenoiser
 from edittuner.tiny import TINY_TEXT_DIM
 
 RANK = 4
@@ -77,7 +78,7 @@ def make_case(preset_name: str, refs, layers: int = 3):
 
 def run_step(dit, sample, zero_cond_t: bool, checkpointing: bool, backward: bool = True):
     device = sample["target"].device
-    cond = dit_conditioning(sample, device, torch.float32, zero_cond_t, gradient_checkpointing=checkpointing)
+    cond = collate_conditioning([sample], device, torch.float32, zero_cond_t, gradient_checkpointing=checkpointing)
     # model_fn_qwen_image reads the text length with .tolist(): keep the mask a real tensor for meta models.
     cond["prompt_emb_mask"] = torch.ones(cond["prompt_emb_mask"].shape, dtype=torch.long)
     prediction = DiTDenoiser(dit)(latents=sample["target"][None], timestep=torch.tensor([500.0], device=device),

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from edittuner.cache import (REFUSED, CacheReader, PrecomputeConfig, fit_reference, make_encoding_pipe,
-                             precompute_cache, reference_prompt_embedder, row_refusal)
+from edittuner.cache import REFUSED, CacheReader, PrecomputeConfig, precompute_cache, row_refusal
+from edittuner.encoding import fit_reference, make_encoding_pipe, reference_prompt_embedder
 from edittuner.dataset import GenerateConfig, Sample, generate_dataset_json
 from edittuner.errors import EditTunerError
 from edittuner.images import ResizeConfig, load_mask

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from edittuner.errors import EditTunerError
 from edittuner.lora import PRESETS, inject_lora, lora_module_names
-from edittuner.objectives import DiTDenoiser, dit_conditioning, flow_matching_loss, training_scheduler
+from edittuner.batching import collate_conditioning
+from edittuner.objectives import DiTDenoiser, flow_matching_losses, training_scheduler
 from edittuner.tiny import build_tiny_dit, build_tiny_encoders
 from edittuner.tracking import read_metrics
 from edittuner.trainer import TrainConfig, sample_at, train
@@ -44,9 +45,8 @@ def test_every_lora_parameter_gets_a_gradient(demo_cache, preset):
             if ".lora_B." in name:
                 p.normal_(std=0.1)
     sample = load_file(next((demo_cache / "samples").glob("*.safetensors")))
-    torch.manual_seed(0)
-    loss = flow_matching_loss(DiTDenoiser(dit), training_scheduler(), sample["target"][None],
-                              dit_conditioning(sample, "cpu", torch.float32, PRESETS[preset].zero_cond_t))
+    loss = flow_matching_losses(DiTDenoiser(dit), training_scheduler(), [sample["target"][None]], [0],
+                                collate_conditioning([sample], "cpu", torch.float32, PRESETS[preset].zero_cond_t))[0]
     loss.backward()
     lora = {n: p for n, p in dit.named_parameters() if ".lora_" in n}
     assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values()), \

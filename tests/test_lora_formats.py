@@ -11,10 +11,9 @@ from edittuner.errors import EditTunerError
 from edittuner.lora import (PRESETS, export_lora, inject_lora, load_lora_file, lora_parameters, lora_state_dict,
                             save_lora)
 from edittuner.objectives import DiTDenoiser
-from edittuner.sampling import fuse_lora
 from edittuner.tiny import TINY_DIT, build_tiny_dit
 
-from conftest import run_cli
+from conftest import fuse_lora, run_cli
 
 H, W, REF_H, REF_W, TEXT = 8, 12, 10, 8, 7  # latent sizes (pixels / 8) and prompt length of the parity inputs
 PARITY_ATOL = 1e-4

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from conftest import ROOT, TINY_PIXELS, run_cli, tiny_dit_with_lora
 from edittuner.errors import EditTunerError
 from edittuner.models import EditDiT
-from edittuner.objectives import DiTDenoiser, dit_conditioning
+from edittuner.batching import collate_conditioning
+from edittuner.objectives import DiTDenoiser
 from edittuner.performance import (BlockOffload, PerformanceConfig, attention_backend, compile_blocks,
                                    quantize_base, quantized_bytes)
 from edittuner.tiny import TINY_TEXT_DIM, build_tiny_dit
@@ -31,7 +32,7 @@ def _lora_dit(dit=None):
 
 
 def _loss_and_grads(dit, sample, checkpointing=True, timestep=500.0):
-    conditioning = dit_conditioning(sample, "cpu", torch.float32, True, checkpointing)
+    conditioning = collate_conditioning([sample], "cpu", torch.float32, True, checkpointing)
     out = DiTDenoiser(dit)(latents=sample["target"][None], timestep=torch.tensor([timestep]), **conditioning)
     loss = (out - sample["target"][None]).pow(2).mean()
     loss.backward()
@@ -82,7 +83,7 @@ def test_block_offload_gives_the_same_training_and_keeps_weights_off_the_device(
     for step in range(3):
         sample = _sample(step)
         for model, optimizer in zip((plain, offloaded), optimizers):
-            conditioning = dit_conditioning(sample, "cpu", torch.float32, True, True)
+            conditioning = collate_conditioning([sample], "cpu", torch.float32, True, True)
             out = DiTDenoiser(model)(latents=sample["target"][None], timestep=torch.tensor([700.0]), **conditioning)
             (out - sample["target"][None]).pow(2).mean().backward()
         for a, b in zip(plain.parameters(), offloaded.parameters()):
@@ -98,7 +99,7 @@ def test_block_offload_gives_the_same_training_and_keeps_weights_off_the_device(
     assert 1 <= offload.max_resident <= 2
     with torch.no_grad():  # evaluation and previews: one pass, every block dropped after it runs
         sample = _sample(9)
-        conditioning = dit_conditioning(sample, "cpu", torch.float32, True)
+        conditioning = collate_conditioning([sample], "cpu", torch.float32, True)
         a = DiTDenoiser(plain)(latents=sample["target"][None], timestep=torch.tensor([300.0]), **conditioning)
         b = DiTDenoiser(offloaded)(latents=sample["target"][None], timestep=torch.tensor([300.0]), **conditioning)
     assert torch.equal(a, b) and offload.resident == set()

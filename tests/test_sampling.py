@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from edittuner.cache import fit_reference, make_encoding_pipe, mask_to_latent_grid
+from edittuner.encoding import fit_reference, make_encoding_pipe, mask_to_latent_grid
 from edittuner.errors import EditTunerError
 from edittuner.images import load_rgb
 from edittuner.lora import PRESETS, inject_lora, set_lora_state
-from edittuner.sampling import Editor, SamplerConfig, fuse_lora
+from edittuner.sampling import Editor, SamplerConfig
 from edittuner.tiny import build_tiny_dit, build_tiny_encoders
 
-from conftest import TINY_PIXELS, run_cli
+from conftest import TINY_PIXELS, fuse_lora, run_cli
 
 PROMPT = "Blur the marked region."
 
@@ -117,7 +117,7 @@ def test_lora_hooks_match_fused_and_training_adapters_and_removal_restores_the_b
 
 
 def _encode(editor, source):
-    from edittuner.cache import encode_images_and_prompt
+    from edittuner.encoding import encode_images_and_prompt
     return encode_images_and_prompt(editor.pipe, editor.embedder, PROMPT, None, [fit_reference(source, editor.resize)],
                                     None)
 

@@ -1,0 +1,151 @@
+"""The Qwen-Image-Edit encoding shared by phase 1 and sampling: the engine's prompt unit with the references as
+vision context (its two templates), reference sizing, VAE latents of target / references / white image, and the
+edit mask on the latent grid. The cache module stores what this makes; sampling uses it directly."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .dataset import Sample
+from .errors import EditTunerError
+from .images import ResizeConfig, fit_size, load_mask, load_rgb, resize_to
+from .lora import DEFAULT_MODEL_VERSION, PRESETS
+from .models import Encoders
+
+DEFAULT_NEGATIVE_PROMPT = " "   # what the engine's Qwen-Image-Edit examples pass
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One of the engine's two prompt paths (``QwenImageUnit_PromptEmbedder.process``), a Preset's prompt_template."""
+
+    engine_function: str    # the unit's method that encodes it; its source is part of the cache identity
+    one_image: bool         # the unit gets one PIL image, not a list
+
+
+# "multi" (2509, 2511): a list -> encode_prompt_edit_multi: "Picture N: <image>" per reference, each resized by the
+#   unit to --vl_pixels (the engine's 384^2) for the Qwen2.5-VL encoder.
+# "single" (the original Qwen-Image-Edit): one PIL image -> encode_prompt_edit: the image without a prefix and without
+#   a resize: the engine's pipeline hands the unit the reference its EditImageEmbedder sized for the VAE, so the
+#   vision encoder sees the very image whose latents the DiT gets.
+PROMPT_TEMPLATES = {"multi": PromptTemplate("encode_prompt_edit_multi", one_image=False),
+                    "single": PromptTemplate("encode_prompt_edit", one_image=True)}
+# Samples cached before their records named the template were all encoded with this one.
+LEGACY_PROMPT_TEMPLATE = "multi"
+
+
+def template_identity(prompt_template: str | None = None) -> str:
+    """The engine's prompt code for ``prompt_template`` (default: the default version's) and the engine version:
+    if either changes, old prompt embeddings are stale. The two templates hash different code, so their caches
+    never pass for each other."""
+    import diffsynth
+    from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder
+
+    template = PROMPT_TEMPLATES[prompt_template or PRESETS[DEFAULT_MODEL_VERSION].prompt_template]
+    source = inspect.getsource(getattr(QwenImageUnit_PromptEmbedder, template.engine_function))
+    version = getattr(diffsynth, "__version__", None) or _dist_version("diffsynth")
+    return f"diffsynth-{version}:" + hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
+def template_of(identity: dict) -> str | None:
+    """Which of PROMPT_TEMPLATES a cache identity's prompts were encoded with (None: another engine version)."""
+    return next((name for name in PROMPT_TEMPLATES if identity.get("templates") == template_identity(name)), None)
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+    return version(name)
+
+
+def make_encoding_pipe(encoders: Encoders, device, dtype):
+    """A diffsynth QwenImagePipeline holding just what phase 1 needs, so the engine's units run unchanged."""
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline
+
+    pipe = QwenImagePipeline(device=device, torch_dtype=dtype)
+    pipe.text_encoder = encoders.text_encoder
+    pipe.processor = encoders.processor
+    pipe.vae = encoders.vae
+    return pipe
+
+
+def reference_prompt_embedder(vl_pixels: int, prompt_template: str | None = None):
+    """The engine's prompt unit for ``prompt_template`` (PROMPT_TEMPLATES; default: the default version's), with the
+    multi template's reference resize for the VL encoder taken from ``vl_pixels``."""
+    from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder
+
+    name = prompt_template or PRESETS[DEFAULT_MODEL_VERSION].prompt_template
+    template = PROMPT_TEMPLATES[name]
+
+    class ReferencePromptEmbedder(QwenImageUnit_PromptEmbedder):
+        prompt_template = name
+
+        def resize_image(self, image, target_area=None):
+            return super().resize_image(image, target_area=vl_pixels)
+
+        def encode(self, pipe, prompt: str, refs: list[Image.Image]) -> torch.Tensor:
+            """prompt_emb (L, D) of ``prompt`` with ``refs`` as vision context, by the engine's path for the template."""
+            if template.one_image and len(refs) != 1:
+                raise EditTunerError(f"the engine's {name}-image prompt template takes one reference, not {len(refs)}")
+            edit_image = refs[0] if template.one_image else list(refs)
+            return self.process(pipe, prompt, edit_image=edit_image)["prompt_emb"][0]
+
+        def vision_size(self, width: int, height: int) -> tuple[int, int]:
+            """The size a reference of this size reaches the Qwen2.5-VL encoder at."""
+            return (width, height) if template.one_image else self.calculate_dimensions(vl_pixels, width / height)
+
+        def vision_note(self) -> str:
+            return ("as sized for the model (the engine's single-image template gives it to the Qwen2.5-VL encoder "
+                    "unresized)") if template.one_image else \
+                f"resized by the engine for the Qwen2.5-VL encoder at --vl_pixels {vl_pixels}"
+
+    return ReferencePromptEmbedder()
+
+
+def fit_reference(image: Image.Image, resize: ResizeConfig) -> Image.Image:
+    """Size one reference image: the one rule phase 1, sampling and the app share."""
+    return resize_to(image.convert("RGB"), fit_size(*image.size, resize.ref_max_pixels or resize.max_pixels,
+                                                    resize.multiple))
+
+
+def load_references(paths, resize: ResizeConfig) -> list[Image.Image]:
+    return [fit_reference(load_rgb(path), resize) for path in paths]
+
+
+def mask_to_latent_grid(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """An edit mask (white = edited) as the fraction of each 8x8 latent cell it covers, shape (1, h/8, w/8)."""
+    w, h = size
+    grid = mask.convert("L").resize((w, h), Image.Resampling.BILINEAR).resize((w // 8, h // 8), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
+
+
+def prepare_images(sample: Sample, resize: ResizeConfig):
+    """Decode and size the target, references and mask exactly as phase 1 encodes them."""
+    target = load_rgb(sample.image)
+    target = resize_to(target, fit_size(*target.size, resize.max_pixels, resize.multiple))
+    mask = load_mask(sample.mask) if sample.mask else None
+    return target, load_references(sample.edit_images, resize), mask
+
+
+@torch.no_grad()
+def encode_images_and_prompt(pipe, embedder, prompt: str, target: Image.Image | None, refs: list[Image.Image],
+                             mask: Image.Image | None, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
+    """Everything phase 2 needs for one sample. ``target`` may be None at inference time; ``negative_prompt``
+    (validation samples) adds the CFG negative's embeddings, encoded with the same references."""
+    encode = lambda img: pipe.vae.encode(pipe.preprocess_image(img))[0]  # noqa: E731
+    tensors = {"prompt_emb": embedder.encode(pipe, prompt, refs)}
+    if negative_prompt is not None:
+        tensors["negative_prompt_emb"] = embedder.encode(pipe, negative_prompt, refs)
+    for k, ref in enumerate(refs):
+        tensors[f"ref.{k}"] = encode(ref)
+    if target is not None:
+        tensors["target"] = encode(target)
+        tensors["white"] = encode(Image.new("RGB", target.size, (255, 255, 255)))
+        if mask is not None:
+            tensors["mask"] = mask_to_latent_grid(mask, target.size)
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
