@@ -29,14 +29,16 @@ sys.path.insert(0, str(ROOT))
 
 from edittuner.cache import PrecomputeConfig, precompute_cache  # noqa: E402
 from edittuner.dataset import GenerateConfig, generate_dataset_json, load_dataset  # noqa: E402
-from edittuner.encoding import (encode_images_and_prompt, make_encoding_pipe, prepare_images,  # noqa: E402
+from edittuner.families.qwen_image_edit.encoding import (encode_images_and_prompt, make_encoding_pipe, prepare_images,  # noqa: E402
                                 reference_prompt_embedder)
 from edittuner.images import ResizeConfig  # noqa: E402
-from edittuner.lora import PRESETS, inject_lora, lora_parameters  # noqa: E402
-from edittuner.models import EditDiT, ModelSource  # noqa: E402
-from edittuner.batching import collate_conditioning  # noqa: E402
-from edittuner.objectives import DiTDenoiser, training_scheduler  # noqa: E402
-from edittuner.tiny import TINY_TEXT_DIM, build_tiny_encoders  # noqa: E402
+from edittuner.families import PRESETS  # noqa: E402
+from edittuner.lora import inject_lora, lora_parameters  # noqa: E402
+from edittuner.models import ModelSource  # noqa: E402
+from edittuner.families.qwen_image_edit.models import EditDiT  # noqa: E402
+from edittuner.families.qwen_image_edit.denoiser import collate_conditioning  # noqa: E402
+from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser, training_scheduler  # noqa: E402
+from edittuner.families.qwen_image_edit.tiny import TINY_TEXT_DIM, build_tiny_encoders  # noqa: E402
 from edittuner.tracking import read_metrics  # noqa: E402
 from edittuner.trainer import TrainConfig, train  # noqa: E402
 

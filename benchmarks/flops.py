@@ -67,7 +67,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edittuner.lora import PRESETS, selects_module
+from edittuner.families import PRESETS
+from edittuner.families.qwen_image_edit import selects_module
 
 TIMESTEP_PROJ_DIM = 256  # TimestepEmbeddings(256, dim): sinusoidal features into the time embedding MLP
 

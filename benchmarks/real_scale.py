@@ -35,14 +35,14 @@ base does to the loss; with random weights this shows the numerical change, not 
 Phase 1, at the real size: the Qwen2.5-VL-7B text encoder (8.29 B parameters, sizes as in the released
 config.json; built on the meta device, materialised on the GPU in bf16 with random weights, wrapped with
 ``EditTextEncoder.wrap``) and the Qwen-Image VAE (diffsynth's ``QwenImageVAE()`` defaults are the released
-sizes). The tokenizer and processor are the built-in tiny ones (``edittuner.tiny.build_processor``: a byte-level
+sizes). The tokenizer and processor are the built-in tiny ones (``edittuner.families.qwen_image_edit.tiny.build_processor``: a byte-level
 tokenizer with Qwen's special tokens; the real tokenizer cannot be built offline), so the prompt is longer in
 tokens than the real tokenizer makes it (one token per byte; ``prompt_tokens`` in the results); the vision
 tokens (196 for a 384x384 reference) are the real count. Measured: samples/s of ``encode_images_and_prompt``
 (prompt with the reference, VAE of reference, target and the white image) for a 1024x1024 target and one
 1024x1024 reference (random-noise images), after one warm-up sample, and the peak memory.
 
-``--scale tiny`` runs the same code with tiny sizes (the tiny DiT config of ``edittuner.tiny``, the tiny text
+``--scale tiny`` runs the same code with tiny sizes (the tiny DiT config of ``edittuner.families.qwen_image_edit.tiny``, the tiny text
 encoder config and VAE sizes, 64x64 images) on the CPU in float32 (the trainer's dtype there): the CUDA-only
 levers are then refused by ``PerformanceConfig.check`` (efficient, cudnn, fp8, offload), as expected, and MFU is
 null. ``tests/test_real_scale.py`` runs it. ``--scale tiny --device cuda`` is a quick check of the GPU path.
@@ -128,11 +128,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.flops import DiTShape, edit_prompt_tokens, lora_training_step_flops, mfu, peak_tflops_for  # noqa: E402
 from edittuner.atomic import atomic_path, write_json  # noqa: E402
 from edittuner.errors import EditTunerError  # noqa: E402
-from edittuner.lora import PRESETS, inject_lora, lora_parameters  # noqa: E402
-from edittuner.models import EditDiT  # noqa: E402
+from edittuner.families import PRESETS  # noqa: E402
+from edittuner.families.qwen_image_edit.models import EditDiT  # noqa: E402
 from edittuner.trainer import peak_rss_gb  # noqa: E402
-from edittuner.performance import (PerformanceConfig, attention_backend, load_device, place_dit,  # noqa: E402
-                                   prepare_base, quantized_bytes)
+from edittuner.performance import PerformanceConfig, attention_backend, load_device, quantized_bytes  # noqa: E402
 
 PRESET = PRESETS["2511"]
 RANK = 32
@@ -190,7 +189,7 @@ class Scale:
 def scale_for(name: str) -> Scale:
     if name == "real":
         return Scale("real", dict(REAL_DIT), 1024, edit_prompt_tokens())
-    from edittuner.tiny import TINY_DIT
+    from edittuner.families.qwen_image_edit.tiny import TINY_DIT
     return Scale("tiny", dict(TINY_DIT), 64, edit_prompt_tokens())
 
 
@@ -261,9 +260,9 @@ def build_dit(config: dict, device: torch.device, dtype: torch.dtype, seed: int,
 
 
 def text_encoder_config(scale: str):
-    """Qwen2.5-VL config: the 7B sizes (real) or edittuner.tiny's, with the special-token ids of the built-in
+    """Qwen2.5-VL config: the 7B sizes (real) or edittuner.families.qwen_image_edit.tiny's, with the special-token ids of the built-in
     tokenizer (the real ids are out of its range; the vocabulary size, and so the compute, is the real one)."""
-    from edittuner.tiny import tiny_text_encoder_config
+    from edittuner.families.qwen_image_edit.tiny import tiny_text_encoder_config
     config = tiny_text_encoder_config()
     if scale != "real":
         return config
@@ -294,7 +293,7 @@ def _rebuild_buffers(model: torch.nn.Module, names: list[str], device: torch.dev
 
 
 def build_text_encoder(config, device: torch.device, dtype: torch.dtype, seed: int):
-    from edittuner.models import EditTextEncoder
+    from edittuner.families.qwen_image_edit.models import EditTextEncoder
 
     hf = text_encoder_on_meta(config)
     hf.to(dtype=dtype)
@@ -413,12 +412,12 @@ def make_sample(scale: Scale, seed: int) -> dict[str, torch.Tensor]:
 
 
 def measure_phase2(run: Run, levers: PerformanceConfig, row: dict, warmup: int, log) -> None:
-    """Build as the trainer does (load_dit -> prepare_base -> inject_lora -> place_dit), then train and time;
-    fills ``row`` as it goes, so a failure keeps what was measured before it."""
-    from edittuner.batching import collate_conditioning
-    from edittuner.objectives import (DiTDenoiser, FlowMatchConfig, flow_matching_draw, flow_matching_losses,
-                                      training_scheduler)
-    from edittuner.trainer import seed_for_position
+    """Build with the trainer's own ``build_model`` (levers checked, base where the levers want it, quantized, LoRA,
+    placed), the base's weights random at the run's scale; then train and time. Fills ``row`` as it goes, so a
+    failure keeps what was measured before it."""
+    from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser, collate_conditioning, training_scheduler
+    from edittuner.objectives import FlowMatchConfig, flow_matching_draw, flow_matching_losses
+    from edittuner.trainer import TrainConfig, build_model, seed_for_position
 
     device, dtype = run.device, run.dtype
     where = load_device(levers, device)
@@ -431,19 +430,24 @@ def measure_phase2(run: Run, levers: PerformanceConfig, row: dict, warmup: int, 
                               f"in {str(dtype).replace('torch.', '')}) and the host has {available / 1e9:.1f} GB "
                               "available; not started, so the OOM killer does not end the whole run")
     start = time.perf_counter()
-    dit = build_dit(run.scale.dit, where, dtype, run.seed, init_device=device)
-    row["materialise_s"] = time.perf_counter() - start
-    row["dit_parameters"] = parameter_count(dit)
-    prepare_base(dit, levers, device)
-    row["dit_weight_bytes"] = quantized_bytes(dit)
-    row["block_weight_bytes"] = quantized_bytes(dit.transformer_blocks)
-    torch.manual_seed(run.seed)  # LoRA's initial A matrices come from the global RNG, as in the trainer
-    inject_lora(dit, PRESET.lora_targets, RANK, ALPHA)
-    offload = place_dit(dit, levers, device)
-    # What the model's tensors hold after place_dit, LoRA included (offload: the frozen block weights are then
+
+    def random_dit(load_to: torch.device, load_dtype: torch.dtype) -> EditDiT:
+        dit = build_dit(run.scale.dit, load_to, load_dtype, run.seed, init_device=device)
+        row["materialise_s"] = time.perf_counter() - start
+        row["dit_parameters"] = parameter_count(dit)
+        return dit
+
+    def base_built(dit: EditDiT) -> None:
+        row["dit_weight_bytes"] = quantized_bytes(dit)
+        row["block_weight_bytes"] = quantized_bytes(dit.transformer_blocks)
+
+    cfg = TrainConfig(cache_dir=Path("unused"), output_dir=Path("unused"), model_version=PRESET.name, rank=RANK,
+                      alpha=ALPHA, seed=run.seed, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                      max_grad_norm=MAX_GRAD_NORM, performance=levers)
+    dit, params, offload = build_model(cfg, device, dtype, load_dit=random_dit, on_base=base_built)
+    # What the model's tensors hold after placing, LoRA included (offload: the frozen block weights are then
     # empty placeholders on the device, their pinned host copies not counted).
     row["placed_model_bytes"] = quantized_bytes(dit)
-    params = [p for _, p in lora_parameters(dit)]
     row["lora_parameters"] = sum(p.numel() for p in params)
     row["lora_init_checksum"] = float(sum(p.detach().double().abs().sum().item() for p in params))
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
@@ -572,9 +576,9 @@ def noise_image(size: int, seed: int):
 
 def measure_phase1(scale: Scale, device: torch.device, dtype: torch.dtype, seed: int, samples: int, row: dict,
                    log) -> None:
-    from edittuner.encoding import encode_images_and_prompt, make_encoding_pipe, reference_prompt_embedder
-    from edittuner.models import Encoders
-    from edittuner.tiny import TINY_VAE, build_processor
+    from edittuner.families.qwen_image_edit.encoding import encode_images_and_prompt, make_encoding_pipe, reference_prompt_embedder
+    from edittuner.families.qwen_image_edit.models import Encoders
+    from edittuner.families.qwen_image_edit.tiny import TINY_VAE, build_processor
 
     start = time.perf_counter()
     text_encoder = build_text_encoder(text_encoder_config(scale.name), device, dtype, seed)
@@ -586,7 +590,7 @@ def measure_phase1(scale: Scale, device: torch.device, dtype: torch.dtype, seed:
     row.update({"build_s": time.perf_counter() - start, "text_encoder_parameters": parameter_count(text_encoder),
                 "vae_parameters": parameter_count(vae),
                 "attn_implementation": getattr(text_encoder.config, "_attn_implementation", None),
-                "tokenizer": "edittuner.tiny.build_processor (byte-level, Qwen special tokens)",
+                "tokenizer": "edittuner.families.qwen_image_edit.tiny.build_processor (byte-level, Qwen special tokens)",
                 "image_size": scale.image_size, "prompt": EDIT_PROMPT})
     log(f"  built in {row['build_s']:.1f} s: text encoder {_count(row['text_encoder_parameters'])}, "
         f"VAE {_count(row['vae_parameters'])} parameters")

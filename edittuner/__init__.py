@@ -1,4 +1,5 @@
-"""edittuner: split-phase LoRA training for Qwen-Image-Edit (2509 / 2511) on top of DiffSynth-Studio."""
+"""edittuner: split-phase LoRA training for instruction-based image-edit models (model families in
+``edittuner.families``: Qwen-Image-Edit 2508 / 2509 / 2511 on DiffSynth-Studio)."""
 
 __version__ = "0.1.0"
 

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .errors import EditTunerError  # noqa: E402
-from .lora import DEFAULT_MODEL_VERSION, PRESETS  # noqa: E402
+from .families import DEFAULT_MODEL_VERSION, VERSIONS  # noqa: E402
 from .performance import BASE_QUANTIZATION  # noqa: E402
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, Editor, SamplerConfig  # noqa: E402
 
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", default=None, help="user:pass required to open the app")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--train_dir", default="train", help="where LoRAs are listed from: <train_dir>/**/lora*.safetensors")
-    parser.add_argument("--model_version", default=None, choices=sorted(PRESETS),
+    parser.add_argument("--model_version", default=None, choices=VERSIONS,
                         help=f"prompt template, references taken and zero_cond_t (default: the version the chosen "
                              f"LoRA was trained for, from its metadata, else {DEFAULT_MODEL_VERSION})")
     parser.add_argument("--zero_cond_t", type=_on_off, default=None,

@@ -1,11 +1,11 @@
 """Phase 1: encode every sample once into a cache of safetensors files plus a JSON manifest.
 
 Per sample, ``samples/<id>.safetensors`` holds:
-    prompt_emb      (L, D)     Qwen2.5-VL hidden states of the engine's edit template for the model version
-                               (encoding.PROMPT_TEMPLATES), with the references as vision context
-    target          (16, h, w) VAE latents of the target
-    ref.K           (16, h_k, w_k) VAE latents of reference K (K = 0, 1, 2)
-    white           (16, h, w) VAE latents of a pure-white image the size of the target (bridge training)
+    prompt_emb      (L, D)     the text encoder's hidden states of the family's edit template for the model version
+                               (Qwen: encoding.PROMPT_TEMPLATES), with the references as vision context
+    target          (C, h, w)  VAE latents of the target
+    ref.K           (C, h_k, w_k) VAE latents of reference K (K = 0, 1, 2)
+    white           (C, h, w)  VAE latents of a pure-white image the size of the target (bridge training)
     mask            (1, h, w)  the edit mask on the latent grid, in [0, 1] (only when the row has one)
     negative_prompt_emb (L', D) only in ``validation/``: the CFG negative prompt, encoded with the references
 Its safetensors metadata carries the sample's manifest record, so the manifest can always be rebuilt
@@ -34,11 +34,10 @@ from tqdm import tqdm
 
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .dataset import Sample, load_dataset
-from .encoding import (DEFAULT_NEGATIVE_PROMPT, LEGACY_PROMPT_TEMPLATE, encode_images_and_prompt, make_encoding_pipe, prepare_images,
-                       reference_prompt_embedder, template_identity, template_of)
+from .defaults import DEFAULT_NEGATIVE_PROMPT
 from .errors import EditTunerError
+from .families import DEFAULT_MODEL_VERSION, FAMILIES, PRESETS, Family, Preset, check_version
 from .images import ResizeConfig, check_aspect_ratio, fit_size, probe_image
-from .lora import DEFAULT_MODEL_VERSION, PRESETS
 from .models import ModelSource
 
 CACHE_FORMAT = 1
@@ -49,13 +48,15 @@ REFUSED = "refused_rows.json"          # rows phase 1 could not encode, with the
 SHOWN_REFUSALS = 10                    # refused rows named in the error message itself
 
 
-def _versions_using(prompt_template: str) -> str:
-    return " / ".join(name for name, preset in sorted(PRESETS.items()) if preset.prompt_template == prompt_template)
+def _versions_using(family: Family, prompt_template: str) -> str:
+    return " / ".join(name for name, preset in sorted(family.presets.items())
+                      if preset.prompt_template == prompt_template)
 
 
-def cache_identity(encoder_fingerprint: str | None, resize: ResizeConfig, prompt_template: str | None = None) -> dict:
-    return {"format": CACHE_FORMAT, "encoders": encoder_fingerprint, "templates": template_identity(prompt_template),
-            "resize": resize.as_dict()}
+def cache_identity(encoder_fingerprint: str | None, resize: ResizeConfig, family: Family,
+                   prompt_template: str | None = None) -> dict:
+    return {"format": CACHE_FORMAT, "encoders": encoder_fingerprint,
+            "templates": family.prompt_identity(prompt_template), "resize": resize.as_dict()}
 
 
 def sha256_file(path: Path) -> str:
@@ -93,12 +94,22 @@ class PrecomputeConfig:
     data_root: Path | None = None           # every dataset path must lie inside it (default: EDITTUNER_DATA_ROOT)
 
     def __post_init__(self):
-        if self.model_version not in PRESETS:
-            raise EditTunerError(f"--model_version {self.model_version}: choose one of {', '.join(sorted(PRESETS))}")
+        check_version(self.model_version)
+        if self.model.family != self.preset.family:
+            raise EditTunerError(f"--model_version {self.model_version} is a {self.preset.family} model, but the model "
+                                 f"source is for {self.model.family}")
+
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.model_version]
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.preset.family]
 
     @property
     def prompt_template(self) -> str:
-        return PRESETS[self.model_version].prompt_template
+        return self.preset.prompt_template
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -107,12 +118,14 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def _existing_record(path: Path, content: dict, expected_file_sha256: str | None = None) -> tuple[dict, str] | None:
+def _existing_record(path: Path, content: dict, expected_file_sha256: str | None = None,
+                     unnamed_template: str | None = None) -> tuple[dict, str] | None:
     """(record, file sha256) of an already-encoded sample whose sources are unchanged, else None.
 
     ``expected_file_sha256`` is the file's hash in the previous manifest: a file altered since (tampered, or
     torn by a broken disk) is re-encoded. Without a previous manifest (a run killed before writing it) the
-    file is trusted if its header parses and its source hashes match.
+    file is trusted if its header parses and its source hashes match. ``unnamed_template``: the prompt template
+    of records that name none (cached before records named it).
     """
     if not path.is_file():
         return None
@@ -127,7 +140,7 @@ def _existing_record(path: Path, content: dict, expected_file_sha256: str | None
     hashes = record.get("hashes")
     if not isinstance(hashes, dict):
         return None
-    hashes = {"prompt_template": LEGACY_PROMPT_TEMPLATE, **hashes}
+    hashes = {"prompt_template": unnamed_template, **hashes}
     return (record, file_sha256) if hashes == content else None
 
 
@@ -162,12 +175,14 @@ def check_validation_overlap(train: list[Sample], validation: list[Sample], trai
             "<name>_val.json from an earlier split is the usual cause)")
 
 
-def row_refusal(sample: Sample, resize: ResizeConfig, embedder, model_version: str | None = None) -> str | None:
+def row_refusal(sample: Sample, resize: ResizeConfig, encoder, model_version: str | None = None) -> str | None:
     """Why phase 1 cannot encode this row, read from its image headers; None when it can. Refused: more references
     than ``model_version`` takes, an unreadable image, an aspect ratio the engine cannot take (each image as it is,
-    and each reference as it reaches the Qwen2.5-VL encoder), a mask whose size is not the target's."""
+    and each reference as it reaches the vision encoder: ``encoder``, the version's SampleEncoder), a mask whose
+    size is not the target's."""
     if model_version is not None:
-        too_many = PRESETS[model_version].reference_refusal(len(sample.edit_images))
+        preset = PRESETS[model_version]
+        too_many = FAMILIES[preset.family].reference_refusal(preset, len(sample.edit_images))
         if too_many is not None:
             return f"edit_image lists {too_many}"
     try:
@@ -178,8 +193,8 @@ def row_refusal(sample: Sample, resize: ResizeConfig, embedder, model_version: s
             what = f"reference edit_image[{k}] {path}"
             check_aspect_ratio(info.width, info.height, what)
             fitted = fit_size(info.width, info.height, resize.ref_max_pixels or resize.max_pixels, resize.multiple)
-            check_aspect_ratio(*embedder.vision_size(*fitted),
-                               f"{what} ({info.width}x{info.height}) {embedder.vision_note()}")
+            check_aspect_ratio(*encoder.vision_size(*fitted),
+                               f"{what} ({info.width}x{info.height}) {encoder.vision_note()}")
         if sample.mask is not None:
             mask = probe_image(sample.mask)
             if (mask.width, mask.height) != (target.width, target.height):
@@ -208,7 +223,7 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
         sets.append((replace(cfg, dataset_json=cfg.validation_json, cache_dir=Path(cfg.cache_dir) / VALIDATION_SUBDIR,
                              validation_json=None, negative_prompt=DEFAULT_NEGATIVE_PROMPT
                              if cfg.negative_prompt is None else cfg.negative_prompt), validation))
-    cfg.model.check(("text_encoder", "vae", "processor"))
+    cfg.model.check(tuple(c for c in cfg.family.components if c != "transformer"))
     for set_cfg, _ in sets:
         check_output_dir(set_cfg.cache_dir, "--cache_dir")
     # One phase 1 at a time per cache folder: a second is refused, naming the first.
@@ -227,11 +242,11 @@ def _claim_cache_dir(cfg: PrecomputeConfig, identity: dict, state) -> None:
     identity_path = cache_dir / IDENTITY
     if identity_path.is_file():
         existing = json.loads(identity_path.read_text())
-        cached_template = template_of(existing)
+        cached_template = cfg.family.template_of(existing)
         if cached_template not in (None, cfg.prompt_template) and not cfg.overwrite:
             raise EditTunerError(
                 f"cache {cache_dir} holds prompts encoded with the engine's {cached_template}-image template "
-                f"(--model_version {_versions_using(cached_template)}), but --model_version {cfg.model_version} needs "
+                f"(--model_version {_versions_using(cfg.family, cached_template)}), but --model_version {cfg.model_version} needs "
                 f"the {cfg.prompt_template}-image template. Use another --cache_dir, or pass --overwrite to "
                 "re-encode this one.")
         if existing != identity and not cfg.overwrite:
@@ -251,13 +266,13 @@ def _claim_cache_dir(cfg: PrecomputeConfig, identity: dict, state) -> None:
     state.wait_for_everyone()
 
 
-def _plan(cfg: PrecomputeConfig, rows: list[tuple[int, Sample]], embedder):
+def _plan(cfg: PrecomputeConfig, rows: list[tuple[int, Sample]], encoder):
     """This process's rows sorted into refused, reused (their file hashes) and to encode."""
     cache_dir = Path(cfg.cache_dir)
     previous = _previous_file_hashes(cache_dir)
     todo, file_hashes, refused, reused = [], {}, [], 0
     for row, sample in rows:
-        reason = row_refusal(sample, cfg.resize, embedder, cfg.model_version)
+        reason = row_refusal(sample, cfg.resize, encoder, cfg.model_version)
         if reason is not None:
             refused.append({"row": row, "id": sample.id, "reason": reason})
             continue
@@ -266,7 +281,8 @@ def _plan(cfg: PrecomputeConfig, rows: list[tuple[int, Sample]], embedder):
             hashes["negative_prompt"] = cfg.negative_prompt
         path = cache_dir / "samples" / sample_filename(sample.id)
         name = f"samples/{path.name}"
-        existing = None if cfg.overwrite else _existing_record(path, hashes, previous.get(name))
+        existing = None if cfg.overwrite else \
+            _existing_record(path, hashes, previous.get(name), cfg.family.unnamed_prompt_template)
         if existing is not None:
             file_hashes[name] = existing[1]
             reused += 1
@@ -275,22 +291,21 @@ def _plan(cfg: PrecomputeConfig, rows: list[tuple[int, Sample]], embedder):
     return todo, file_hashes, refused, reused
 
 
-def _encode_todo(cfg: PrecomputeConfig, todo: list, state, dtype, embedder, progress: bool):
+def _encode_todo(cfg: PrecomputeConfig, todo: list, state, dtype, encoder, progress: bool):
     """Encode and write each sample of ``todo``; returns (file hashes, rows refused because an image would not
     decode). A failed write (full disk) stops the run; everything written so far stays."""
     file_hashes, refused = {}, []
     if not todo:
         return file_hashes, refused
-    encoders = cfg.model.load_encoders(dtype=dtype, device=state.device)
-    pipe = make_encoding_pipe(encoders, state.device, dtype)
+    encoder.attach(cfg.model.load_encoders(dtype=dtype, device=state.device), state.device, dtype)
     for row, sample, hashes, path in tqdm(todo, desc=f"phase 1 [{state.process_index}]", unit="sample",
                                           disable=not progress):
         try:
-            target, refs, mask = prepare_images(sample, cfg.resize)
+            target, refs, mask = encoder.prepare(sample, cfg.resize)
         except EditTunerError as exc:   # the header was fine, the pixels are not (truncated file, blank mask)
             refused.append({"row": row, "id": sample.id, "reason": str(exc)})
             continue
-        tensors = encode_images_and_prompt(pipe, embedder, sample.prompt, target, refs, mask, cfg.negative_prompt)
+        tensors = encoder.encode(sample.prompt, target, refs, mask, cfg.negative_prompt)
         tensors = {k: (v.to(dtype) if v.is_floating_point() and k != "mask" else v) for k, v in tensors.items()}
         record = {"id": sample.id, "file": f"samples/{path.name}", "prompt": sample.prompt,
                   "sources": {"image": str(sample.image), "edit_image": [str(p) for p in sample.edit_images],
@@ -325,14 +340,14 @@ def _gather(state, cache_dir: Path, file_hashes: dict, refused: list) -> tuple[d
 def _encode_set(cfg: PrecomputeConfig, samples: list[Sample], state, progress: bool) -> dict:
     """Phase 1 for one dataset JSON into ``cfg.cache_dir``: the manifest only when no row was refused."""
     cache_dir = Path(cfg.cache_dir)
-    identity = cache_identity(cfg.model.encoder_fingerprint(), cfg.resize, cfg.prompt_template)
+    identity = cache_identity(cfg.model.encoder_fingerprint(), cfg.resize, cfg.family, cfg.prompt_template)
     _claim_cache_dir(cfg, identity, state)
     dtype = _resolve_dtype(cfg.dtype, state.device)
-    embedder = reference_prompt_embedder(cfg.resize.vl_pixels, cfg.prompt_template)
+    encoder = cfg.family.sample_encoder(cfg.preset, cfg.resize.vl_pixels)
     rows = list(enumerate(samples))[state.process_index::state.num_processes]
-    todo, file_hashes, refused, reused = _plan(cfg, rows, embedder)
+    todo, file_hashes, refused, reused = _plan(cfg, rows, encoder)
     start = time.perf_counter()
-    encoded_hashes, late_refused = _encode_todo(cfg, todo, state, dtype, embedder, progress)
+    encoded_hashes, late_refused = _encode_todo(cfg, todo, state, dtype, encoder, progress)
     elapsed = time.perf_counter() - start
     file_hashes, refused = _gather(state, cache_dir, {**file_hashes, **encoded_hashes}, refused + late_refused)
     manifest = None
@@ -415,13 +430,23 @@ class CacheReader:
     def _check_version(self, identity: dict, expected_model_version: str | None) -> None:
         """Refuse prompts encoded by another engine version or with another template than the run's version needs,
         and a manifest written for another version (whose samples a phase-1 re-run then reuses)."""
-        cached_version, cached_template = self.manifest.get("model_version"), template_of(identity)
+        cached_version = self.manifest.get("model_version")
+        cached = PRESETS.get(cached_version) or PRESETS[DEFAULT_MODEL_VERSION]   # older manifests name none
+        family = FAMILIES[cached.family]
+        cached_template = family.template_of(identity)
         if cached_template is None:
             raise EditTunerError(f"cache {self.cache_dir} was made with other prompt templates "
-                                 f"({identity.get('templates')}, now {template_identity()}); re-run phase 1")
+                                 f"({identity.get('templates')}, now {family.prompt_identity()}); re-run phase 1")
         if expected_model_version is None:
             return
-        expected_template = PRESETS[expected_model_version].prompt_template
+        expected = PRESETS[expected_model_version]
+        if expected.family != cached.family:
+            raise EditTunerError(
+                f"cache {self.cache_dir} was made for --model_version {cached_version} ({cached.base_model}), but "
+                f"this run trains --model_version {expected_model_version} ({expected.base_model}), another model "
+                f"family whose encoders differ: run `edittuner precompute --model_version {expected_model_version}` "
+                f"into a new --cache_dir, or train with --model_version {cached_version}")
+        expected_template = expected.prompt_template
         if cached_template != expected_template:
             raise EditTunerError(
                 f"cache {self.cache_dir} was made for --model_version {cached_version}, whose prompts use the engine's "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import defaults
 from .errors import EditTunerError, check_seed
-from .lora import DEFAULT_MODEL_VERSION, PRESETS
+from .families import DEFAULT_MODEL_VERSION, VERSIONS
 from .performance import ATTENTION, BASE_QUANTIZATION
 
 
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("precompute", help="phase 1: encode prompts (with references) and latents into a cache")
     p.add_argument("--dataset_json", required=True)
     p.add_argument("--cache_dir", required=True)
-    p.add_argument("--model_version", default=DEFAULT_MODEL_VERSION, choices=sorted(PRESETS),
+    p.add_argument("--model_version", default=DEFAULT_MODEL_VERSION, choices=VERSIONS,
                    help="sets the prompt template and the references a row may have; recorded in the manifest")
     p.add_argument("--cache_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on GPU, float32 on CPU")
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="phase 2: LoRA-train the DiT from a phase-1 cache")
     p.add_argument("--cache_dir", required=True)
     p.add_argument("--output_dir", required=True, help="run directory (config.json, metrics.jsonl, checkpoints/, lora.safetensors)")
-    p.add_argument("--model_version", default=DEFAULT_MODEL_VERSION, choices=sorted(PRESETS),
+    p.add_argument("--model_version", default=DEFAULT_MODEL_VERSION, choices=VERSIONS,
                    help="preset: LoRA targets, zero_cond_t, accumulation")
     p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--objective", default="flow", choices=["flow", "lbm"], help="flow matching (default) or Latent Bridge Matching")
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="batch mode output folder")
     p.add_argument("--use_dataset_masks", action="store_true", help="batch mode: use each row's back_mask as --mask")
     p.add_argument("--data_root", default=None, help=DATA_ROOT_HELP)
-    p.add_argument("--model_version", default=None, choices=sorted(PRESETS),
+    p.add_argument("--model_version", default=None, choices=VERSIONS,
                    help=f"prompt template, references taken and zero_cond_t (default: the version the --lora was "
                         f"trained for, from its metadata, else {DEFAULT_MODEL_VERSION}); a warning where it overrides "
                         "the LoRA's")

@@ -1,4 +1,5 @@
-"""LoRA on the DiT: presets, injection (peft), and the LoRA file formats.
+"""LoRA on the DiT: injection (peft), and the LoRA file formats. Which layers a version targets is its
+family's (``families``: presets and the dead-end rule).
 
 Our file (format "diffsynth", what training writes): ``diffusion_model.<module>.lora_A.weight`` (r, in) and
 ``diffusion_model.<module>.lora_B.weight`` (out, r), module names as in the DiT state dict, no ``.alpha`` keys:
@@ -23,7 +24,6 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,84 +31,24 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, check_output_file
 from .errors import EditTunerError
-
-BASE_TARGETS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
-                "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1")
+from .families import FAMILIES, family_of
 
 
-@dataclass(frozen=True)
-class Preset:
-    """What a model version trains by default, and what it takes as input.
-
-    ``max_references``: reference images per sample. ``prompt_template``: how the engine's prompt unit gets them
-    (``encoding.PROMPT_TEMPLATES``): "multi" = a list, the "Picture N:" template; "single" = one image, the original
-    Qwen-Image-Edit's template."""
-
-    name: str
-    lora_targets: tuple[str, ...]
-    zero_cond_t: bool
-    gradient_accumulation: int
-    max_references: int = 3
-    prompt_template: str = "multi"
-
-    @property
-    def base_model(self) -> str:
-        """The name the LoRA file's metadata records (``base_model``)."""
-        return f"Qwen-Image-Edit-{self.name}"
-
-    def reference_refusal(self, count: int) -> str | None:
-        """Why ``count`` reference images do not fit this version; None when they do."""
-        if 1 <= count <= self.max_references:
-            return None
-        fitting = [name for name, preset in sorted(PRESETS.items()) if preset.max_references >= count]
-        way_out = f"; drop the extra references, or use --model_version {' or '.join(fitting)}" \
-            if count > self.max_references and fitting else ""
-        takes = "exactly 1" if self.max_references == 1 else f"1 to {self.max_references}"
-        return (f"{count} reference image(s), but {self.base_model} (--model_version {self.name}) takes {takes} "
-                f"(the first is the one edited){way_out}")
-
-
-PRESETS = {
-    # The original Qwen-Image-Edit (August 2025): one reference, the engine's single-image prompt template; LoRA
-    # targets as DiffSynth-Studio's Qwen-Image-Edit LoRA example.
-    "2508": Preset("2508", BASE_TARGETS, zero_cond_t=False, gradient_accumulation=1, max_references=1,
-                   prompt_template="single"),
-    "2509": Preset("2509", BASE_TARGETS, zero_cond_t=False, gradient_accumulation=1),
-    "2511": Preset("2511", BASE_TARGETS + ("img_in", "txt_in", "proj_out"), zero_cond_t=True,
-                   gradient_accumulation=16),
-}
-DEFAULT_MODEL_VERSION = "2511"   # when neither a flag nor a LoRA's metadata names one
-
-# In the last block the text stream's outputs are thrown away (only image tokens reach proj_out). The text
-# queries only make text outputs, so add_q_proj is a dead end there too (text keys and values still reach the
-# image through attention). LoRA on these would get no gradient and force DDP's find_unused_parameters.
-DEAD_END_IN_LAST_BLOCK = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.2")
-
-
-def selects_module(name: str, targets: tuple[str, ...], num_blocks: int) -> bool:
-    """Whether a Linear layer's full name gets a LoRA: it matches a target and is not a dead end of the last
-    block (the rule lora_module_names applies, and benchmarks/flops.py counts)."""
-    if name.startswith(f"transformer_blocks.{num_blocks - 1}.") and \
-            name.split(".", 2)[2] in DEAD_END_IN_LAST_BLOCK:
-        return False
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def lora_module_names(dit: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Full names of the Linear layers a target list selects, minus those whose output never reaches the loss."""
-    names = [name for name, module in dit.named_modules()
-             if isinstance(module, torch.nn.Linear) and selects_module(name, targets, len(dit.transformer_blocks))]
+def lora_module_names(dit: torch.nn.Module, targets: tuple[str, ...], family=None) -> list[str]:
+    """Full names of the Linear layers a target list selects, minus those whose output never reaches the loss
+    (the ``family``'s rule; default: the default version's family)."""
+    names = (family or family_of(None)).lora_module_names(dit, targets)
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         raise EditTunerError(f"--lora_targets: {unmatched} match no Linear layer of the DiT")
     return names
 
 
-def inject_lora(dit: torch.nn.Module, targets: tuple[str, ...], rank: int, alpha: float) -> list[str]:
-    """Freeze the DiT and add trainable fp32 LoRA adapters to the selected layers."""
+def inject_lora(dit: torch.nn.Module, targets: tuple[str, ...], rank: int, alpha: float, family=None) -> list[str]:
+    """Freeze the DiT and add trainable fp32 LoRA adapters to the layers ``family`` selects for ``targets``."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = lora_module_names(dit, targets)
+    names = lora_module_names(dit, targets, family)
     dit.requires_grad_(False)
     with warnings.catch_warnings():
         # On an int8/fp8 base peft warns that merge() will not work; we never merge a training adapter.
@@ -342,6 +282,10 @@ def export_lora(source: str | os.PathLike, output: str | os.PathLike, fmt: str) 
     check_format(fmt)
     check_output_file(output, "--output")
     state, metadata = read_lora_file(source)
+    family = FAMILIES.get(metadata.get("family", ""))
+    if family is not None and fmt not in family.lora_layouts:
+        raise EditTunerError(f"--format {fmt}: {source} is a {family.name} LoRA, which is written in "
+                             f"{', '.join(family.lora_layouts)} only")
     source_format = detect_format(state, str(source))
     canonical = canonical_lora(state, peft_scale=_peft_alpha(metadata, source), source=str(source))
     rank = max(v.shape[0] for k, v in canonical.items() if k.endswith(_A))

@@ -1,6 +1,7 @@
-"""Training objectives. Flow matching follows the engine's FlowMatchSFTLoss step for step (tests check parity).
+"""Training objectives, for every model family. Flow matching follows the engine's FlowMatchSFTLoss step for step
+(tests check parity), on the schedule the family trains with (``Family.training_scheduler``).
 
-Convention (the engine's, for Qwen-Image): sigma in [0, 1] with sigma = timestep / 1000;
+Convention (the engine's, for Qwen-Image; a family whose DiT takes another convention maps onto it): sigma in [0, 1] with sigma = timestep / 1000;
 x_sigma = (1 - sigma) * x0 + sigma * noise; the DiT predicts the velocity noise - x0; each sample's loss is
 weighted by the scheduler's training weight at its timestep.
 """
@@ -12,18 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffsynth.diffusion.flow_match import FlowMatchScheduler
-from diffsynth.pipelines.qwen_image import model_fn_qwen_image
 
-from .batching import batched_model_fn, collate_conditioning, select_rows
 from .errors import EditTunerError
-
-
-def training_scheduler() -> FlowMatchScheduler:
-    """The engine's Qwen-Image training schedule: 1000 shifted timesteps with their loss weights."""
-    scheduler = FlowMatchScheduler("Qwen-Image")
-    scheduler.set_timesteps(1000, training=True)
-    return scheduler
+from .families import Family, ModelSpec, family_of
 
 
 @dataclass(frozen=True)
@@ -46,19 +38,6 @@ class FlowMatchConfig:
         return self.masked_weight != self.unmasked_weight
 
 
-class DiTDenoiser(torch.nn.Module):
-    """The DiT behind the engine's model function, as one module so DDP/DeepSpeed see a normal forward."""
-
-    def __init__(self, dit: torch.nn.Module):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, latents, timestep, **conditioning):
-        if latents.shape[0] > 1:  # the engine's model function is batch-1 only: our batched twin of it
-            return batched_model_fn(self.dit, latents=latents, timestep=timestep, **conditioning)
-        return model_fn_qwen_image(dit=self.dit, latents=latents, timestep=timestep, **conditioning)
-
-
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
                  cfg: FlowMatchConfig) -> torch.Tensor:
     squared = (prediction.float() - target.float()) ** 2
@@ -69,7 +48,7 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     return (squared * weight).mean() / weight.mean().clamp_min(1e-8)
 
 
-def flow_matching_draw(scheduler: FlowMatchScheduler, x0: torch.Tensor, cfg: FlowMatchConfig = FlowMatchConfig()):
+def flow_matching_draw(scheduler, x0: torch.Tensor, cfg: FlowMatchConfig = FlowMatchConfig()):
     """One sample's timestep and noise from the global RNG: (timestep (1,), noisy latents, regression target)."""
     steps = len(scheduler.timesteps)
     timestep_id = torch.randint(int(cfg.min_timestep_boundary * steps), int(cfg.max_timestep_boundary * steps), (1,))
@@ -78,7 +57,7 @@ def flow_matching_draw(scheduler: FlowMatchScheduler, x0: torch.Tensor, cfg: Flo
     return timestep, scheduler.add_noise(x0, noise, timestep), scheduler.training_target(x0, noise, timestep)
 
 
-def flow_matching_losses(denoiser: Callable, scheduler: FlowMatchScheduler, x0s: list[torch.Tensor],
+def flow_matching_losses(denoiser: Callable, scheduler, x0s: list[torch.Tensor],
                          seeds: list[int], conditioning: dict, cfg: FlowMatchConfig = FlowMatchConfig(),
                          masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Per-sample flow-matching losses (B,) of same-shape samples x0s (each (1, C, h, w)) in one forward.
@@ -254,8 +233,9 @@ def _bridge_mse(prediction: torch.Tensor, draw: BridgeDraw, z1: torch.Tensor, cf
 def bridge_matching_losses(denoiser: Callable, z1s: list[torch.Tensor], z_mains: list[torch.Tensor],
                            z_subs: list[torch.Tensor | None], seeds: list[int], conditioning: dict,
                            cfg: BridgeConfig = BridgeConfig(),
-                           masks: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """Per-sample LBM losses (B,) of same-shape samples; ``conditioning`` is their collated conditioning.
+                           masks: list[torch.Tensor | None] | None = None, family: Family | None = None) -> torch.Tensor:
+    """Per-sample LBM losses (B,) of same-shape samples; ``conditioning`` is their collated conditioning by
+    ``family`` (default: the default version's), which also splits it into rows and drops the references.
 
     Sample i draws its stream, bridge time and noise after ``torch.manual_seed(seeds[i])``, so each loss is that
     sample's loss in a batch of one (up to float reassociation). Samples whose draw keeps the reference tokens share one forward, those that drop
@@ -266,13 +246,14 @@ def bridge_matching_losses(denoiser: Callable, z1s: list[torch.Tensor], z_mains:
         draws.append(bridge_draw(z1, z_main, z_sub, cfg))
     masks = masks or [None] * len(draws)
     losses: list[torch.Tensor | None] = [None] * len(draws)
+    family = family or family_of(None)
     for with_references in (True, False):
         rows = [i for i, d in enumerate(draws) if d.with_references == with_references]
         if not rows:
             continue
-        part = conditioning if len(rows) == len(draws) else select_rows(conditioning, rows)
+        part = conditioning if len(rows) == len(draws) else family.select_rows(conditioning, rows)
         if not with_references:
-            part = {**part, "edit_latents": None}
+            part = family.without_references(part)
         z1 = z1s[rows[0]]
         timesteps = torch.cat([bridge_timestep_input(torch.tensor(draws[i].t), z1.dtype, z1.device) for i in rows])
         prediction = denoiser(latents=torch.cat([draws[i].z_t for i in rows]), timestep=timesteps, **part)
@@ -295,25 +276,26 @@ class Objective:
     name = ""
     settings_field = ""   # the TrainConfig field holding this objective's settings
 
-    def __init__(self, settings):
+    def __init__(self, settings, model: ModelSpec):
         self.settings = settings
+        self.model = model   # the version trained, with the run's switches: its family builds the DiT's inputs
 
     def check_cache(self, reader) -> None:
         """Refuse a cache this objective cannot train on, before any work starts."""
 
-    def losses(self, denoiser: Callable, samples: list[dict], seeds: list[int], device, dtype, zero_cond_t: bool,
+    def losses(self, denoiser: Callable, samples: list[dict], seeds: list[int], device, dtype,
                gradient_checkpointing: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
-    def evaluate(self, denoiser: Callable, samples: list[dict], device, dtype, zero_cond_t: bool,
-                 gradient_checkpointing: bool, autocast: Callable) -> dict:
+    def evaluate(self, denoiser: Callable, samples: list[dict], device, dtype, gradient_checkpointing: bool,
+                 autocast: Callable) -> dict:
         """Fixed-seed loss over the eval samples, four draws each, one sample at a time (comparable across steps)."""
         losses = []
         for i, sample in enumerate(samples):
             for draw in range(4):
                 with autocast():
                     losses.append(float(self.losses(denoiser, [sample], [1234 + i * 4 + draw], device, dtype,
-                                                    zero_cond_t, gradient_checkpointing)[0]))
+                                                    gradient_checkpointing)[0]))
         return {"eval_loss": sum(losses) / len(losses)}
 
     def validation_sampler(self, steps: int | None, guidance: float, seed: int):
@@ -325,12 +307,12 @@ class FlowMatching(Objective):
 
     name, settings_field = "flow", "flow"
 
-    def __init__(self, settings: FlowMatchConfig):
-        super().__init__(settings)
-        self.scheduler = training_scheduler()
+    def __init__(self, settings: FlowMatchConfig, model: ModelSpec):
+        super().__init__(settings, model)
+        self.scheduler = model.family.training_scheduler()
 
-    def losses(self, denoiser, samples, seeds, device, dtype, zero_cond_t, gradient_checkpointing=False):
-        conditioning = collate_conditioning(samples, device, dtype, zero_cond_t, gradient_checkpointing)
+    def losses(self, denoiser, samples, seeds, device, dtype, gradient_checkpointing=False):
+        conditioning = self.model.conditioning(samples, device, dtype, gradient_checkpointing)
         return flow_matching_losses(denoiser, self.scheduler, _placed(samples, "target", device, dtype), seeds,
                                     conditioning, self.settings, _placed(samples, "mask", device))
 
@@ -354,21 +336,22 @@ class LatentBridgeMatching(Objective):
                     f"{shapes.get('ref.0')} but the target at {shapes['target']}; the bridge starts from the reference, "
                     "so both must match. Use same-size source/target pairs and the same pixel budget for both in phase 1.")
 
-    def losses(self, denoiser, samples, seeds, device, dtype, zero_cond_t, gradient_checkpointing=False):
-        conditioning = collate_conditioning(samples, device, dtype, zero_cond_t, gradient_checkpointing)
+    def losses(self, denoiser, samples, seeds, device, dtype, gradient_checkpointing=False):
+        conditioning = self.model.conditioning(samples, device, dtype, gradient_checkpointing)
         return bridge_matching_losses(denoiser, _placed(samples, "target", device, dtype),
                                       _placed(samples, "ref.0", device, dtype), _placed(samples, "white", device, dtype),
-                                      seeds, conditioning, self.settings, _placed(samples, "mask", device))
+                                      seeds, conditioning, self.settings, _placed(samples, "mask", device),
+                                      self.model.family)
 
-    def evaluate(self, denoiser, samples, device, dtype, zero_cond_t, gradient_checkpointing, autocast):
-        result = super().evaluate(denoiser, samples, device, dtype, zero_cond_t, gradient_checkpointing, autocast)
+    def evaluate(self, denoiser, samples, device, dtype, gradient_checkpointing, autocast):
+        result = super().evaluate(denoiser, samples, device, dtype, gradient_checkpointing, autocast)
         ratios = []
         for sample in samples:
             x1 = sample["target"][None].to(device, dtype)
-            conditioning = collate_conditioning([sample], device, dtype, zero_cond_t)
-            z0 = conditioning["edit_latents"][0]
+            z0 = sample["ref.0"][None].to(device, dtype)
+            conditioning = self.model.conditioning([sample], device, dtype)
             if not self.settings.main_stream_references:
-                conditioning["edit_latents"] = None
+                conditioning = self.model.family.without_references(conditioning)
             with autocast():
                 out = sample_bridge(denoiser, z0, conditioning, steps=1)
             ratios.append(float((out - x1).norm() / (z0 - x1).norm()))

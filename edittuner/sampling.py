@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,15 +31,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .batching import collate_conditioning
 from .atomic import atomic_path, check_output_dir, check_output_file, safe_filename, write_json
-from .encoding import (DEFAULT_NEGATIVE_PROMPT, encode_images_and_prompt, fit_reference, make_encoding_pipe,
-                       mask_to_latent_grid, reference_prompt_embedder)
+from .defaults import DEFAULT_NEGATIVE_PROMPT
 from .errors import EditTunerError
+from .families import DEFAULT_MODEL_VERSION, FAMILIES, PRESETS, ModelSpec, check_version, model_spec
 from .images import MAX_ASPECT_RATIO, ResizeConfig, check_aspect_ratio, load_mask, load_rgb
-from .lora import DEFAULT_MODEL_VERSION, PRESETS, load_lora_and_metadata, load_lora_file
+from .lora import load_lora_and_metadata, load_lora_file
 from .models import ModelSource
-from .objectives import DiTDenoiser, sample_bridge
+from .objectives import sample_bridge
 from .performance import PerformanceConfig, load_device, prepare_base
 
 SAMPLERS = ("flow", "bridge")
@@ -89,37 +88,6 @@ class EditResult:
 
 
 # ---- samplers on latents ---------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def sample_flow(denoiser, conditioning: dict, negative_conditioning: dict | None, latent_shape, steps: int,
-                guidance: float, generator: torch.Generator, keep: tuple[torch.Tensor, torch.Tensor] | None = None,
-                device=None, dtype=torch.float32) -> torch.Tensor:
-    """The engine's flow-matching sampler from noise; ``keep = (mask, known)`` holds latents outside the mask on
-    the path to ``known`` with the engine's inpainting rule."""
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
-
-    scheduler = FlowMatchScheduler("Qwen-Image")
-    height, width = latent_shape[-2:]
-    if steps == 1:
-        # The engine's schedule stretches its end by 1 / (1 - last sigma): 0/0 = NaN for one step (a black image).
-        # Its limit is the start, sigma 1: one Euler step from the noise to sigma 0.
-        scheduler.set_timesteps(1, sigmas=[1.0])
-    else:
-        scheduler.set_timesteps(steps, dynamic_shift_len=(height // 2) * (width // 2))
-    latents = torch.randn(latent_shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-    for t in scheduler.timesteps:
-        timestep = t.reshape(1).to(device=device, dtype=dtype)
-        velocity = denoiser(latents=latents, timestep=timestep, **conditioning)
-        if negative_conditioning is not None:
-            negative = denoiser(latents=latents, timestep=timestep, **negative_conditioning)
-            velocity = negative + guidance * (velocity - negative)
-        if keep is not None:
-            mask, known = keep
-            back_to_known = scheduler.return_to_timestep(t, latents, known)
-            velocity = back_to_known * (1 - mask) + velocity * mask
-        latents = scheduler.step(velocity, t, latents)
-    return latents
-
 
 # ---- LoRA next to the base weights -----------------------------------------------------------------------------
 
@@ -186,6 +154,10 @@ class ModelChoice(NamedTuple):
     zero_cond_t: bool
     notes: tuple[str, ...] = ()
 
+    @property
+    def spec(self) -> ModelSpec:
+        return model_spec(self.version, self.zero_cond_t)
+
 
 def _on_off(value: bool) -> str:
     return "on" if value else "off"
@@ -193,13 +165,14 @@ def _on_off(value: bool) -> str:
 
 def lora_trained_with(metadata: dict[str, str], source, model_version: str | None = None,
                       zero_cond_t: bool | None = None) -> tuple[str | None, bool | None]:
-    """(version, zero_cond_t) a LoRA's metadata records (our trainer writes base_model "Qwen-Image-Edit-<version>"
-    and zero_cond_t "true"/"false"); None where it records nothing. A value it records but we cannot read is an
+    """(version, zero_cond_t) a LoRA's metadata records (our trainer writes base_model, the preset's name such as
+    "Qwen-Image-Edit-2511", and zero_cond_t "true"/"false"); None where it records nothing. A value it records but we cannot read is an
     error unless the matching flag (``model_version`` / ``zero_cond_t``) decides instead."""
     versions = {preset.base_model: name for name, preset in PRESETS.items()}
     base_model, recorded_zct = metadata.get("base_model"), metadata.get("zero_cond_t")
     version = versions.get(base_model)
-    if version is None and model_version is None and str(base_model).startswith("Qwen-Image-Edit-"):
+    known_family = any(str(base_model).startswith(f.base_model_prefix) for f in FAMILIES.values())
+    if version is None and model_version is None and known_family:
         raise EditTunerError(f"--lora {source}: its metadata says base_model {base_model!r}, a version this edittuner "
                              f"does not know ({', '.join(sorted(versions))}); pass --model_version to sample it as "
                              "one of those")
@@ -211,14 +184,14 @@ def lora_trained_with(metadata: dict[str, str], source, model_version: str | Non
 
 
 def choose_model(metadata: dict[str, str] | None, source, model_version: str | None = None,
-                 zero_cond_t: bool | None = None) -> ModelChoice:
+                 zero_cond_t: bool | None = None, default_version: str = DEFAULT_MODEL_VERSION) -> ModelChoice:
     """The version and zero_cond_t to sample a LoRA with: the flags where given (a warning where they disagree with
-    the LoRA's metadata), else the metadata, else the default version and its preset. zero_cond_t comes from the
+    the LoRA's metadata), else the metadata, else ``default_version`` and its preset. zero_cond_t comes from the
     metadata only when the version does too (a LoRA sampled as another version gets that version's preset)."""
-    if model_version is not None and model_version not in PRESETS:
-        raise EditTunerError(f"--model_version {model_version}: choose one of {', '.join(sorted(PRESETS))}")
+    if model_version is not None:
+        check_version(model_version)
     trained_version, trained_zct = lora_trained_with(metadata or {}, source, model_version, zero_cond_t)
-    version = model_version or trained_version or DEFAULT_MODEL_VERSION
+    version = model_version or trained_version or default_version
     notes = []
     if trained_version not in (None, version):
         notes.append(f"--model_version {version} overrides the version {source} was trained for "
@@ -231,7 +204,7 @@ def choose_model(metadata: dict[str, str] | None, source, model_version: str | N
     elif trained_zct is not None and trained_version in (None, version):
         chosen = trained_zct
     else:
-        chosen = PRESETS[version].zero_cond_t
+        chosen = bool(PRESETS[version].zero_cond_t)
         if trained_zct not in (None, chosen):
             notes.append(f"zero_cond_t {_on_off(chosen)} as --model_version {version}'s preset, not as {source} was "
                          f"trained ({_on_off(trained_zct)}); pass --zero_cond_t to choose")
@@ -264,21 +237,22 @@ class Editor:
     def __init__(self, model: ModelSource = ModelSource(), model_version: str | None = None,
                  resize: ResizeConfig = ResizeConfig(), device: str | None = None, dtype: torch.dtype | None = None,
                  base_quantization: str = "none", zero_cond_t: bool | None = None):
-        self.flags = (model_version, zero_cond_t)
-        self.choice = choose_model(None, None, model_version, zero_cond_t)
+        self.family = model.model_family
+        self.flags = (model_version, zero_cond_t, self.family.default_version)
+        self.choice = choose_model(None, None, *self.flags)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         # int8 / fp8 blocks: the 20B base in about half the memory, for trying a LoRA on a 24 GB card.
         levers = PerformanceConfig(base_quantization=base_quantization)
         levers.check(torch.device(self.device), self.dtype)
-        model.check(("transformer", "text_encoder", "vae", "processor"))
+        self._check_family(self.choice, None)
+        model.check(self.family.components)
         self.resize = resize
         self.dit = model.load_dit(dtype=self.dtype, device=load_device(levers, torch.device(self.device)))
         prepare_base(self.dit, levers, torch.device(self.device))
         self.dit = self.dit.to(self.device).eval()
-        self.pipe = make_encoding_pipe(model.load_encoders(dtype=self.dtype, device=self.device), self.device,
-                                       self.dtype)
-        self.embedder = reference_prompt_embedder(resize.vl_pixels, self.preset.prompt_template)
+        self.encoders = model.load_encoders(dtype=self.dtype, device=self.device)
+        self.encoder = self._sample_encoder()
         self.lora = LoraHooks(self.dit)
 
     @property
@@ -293,6 +267,20 @@ class Editor:
     def preset(self):
         return PRESETS[self.choice.version]
 
+    def _sample_encoder(self):
+        encoder = self.family.sample_encoder(self.preset, self.resize.vl_pixels)
+        encoder.attach(self.encoders, self.device, self.dtype)
+        return encoder
+
+    def _check_family(self, choice: ModelChoice, path) -> None:
+        """A version of another family needs another base model: refuse it rather than run the wrong one."""
+        preset = PRESETS[choice.version]
+        if preset.family != self.family.name:
+            what = f"--lora {path} was trained for" if path is not None else "--model_version asks for"
+            raise EditTunerError(f"{what} {preset.base_model} (the {preset.family} family), but the base model "
+                                 f"loaded is a {self.family.name} model; start with --model_version {choice.version} "
+                                 f"and that model's --model_dir")
+
     def set_lora(self, path: str | Path | None, strength: float = 1.0, state: dict[str, torch.Tensor] | None = None,
                  metadata: dict[str, str] | None = None) -> tuple[str, ...]:
         """Put the LoRA at ``path`` on (None: take it off) and follow the version and zero_cond_t it was trained
@@ -304,10 +292,11 @@ class Editor:
             if state is None or metadata is None:
                 state, metadata = load_lora_and_metadata(path)
             choice = choose_model(metadata, path, *self.flags)
+            self._check_family(choice, path)
             self.lora.set(path, strength, state)
         self.choice = choice
-        if self.embedder.prompt_template != self.preset.prompt_template:
-            self.embedder = reference_prompt_embedder(self.resize.vl_pixels, self.preset.prompt_template)
+        if self.encoder.prompt_template != self.preset.prompt_template:
+            self.encoder = self._sample_encoder()
         return choice.notes
 
     def check_references(self, references: list[Image.Image]) -> list[Image.Image]:
@@ -316,8 +305,8 @@ class Editor:
         refs = []
         for number, reference in enumerate(references, 1):
             check_aspect_ratio(*reference.size, f"reference {number}")
-            ref = fit_reference(reference, self.resize)
-            vl_size = self.embedder.vision_size(ref.width, ref.height)
+            ref = self.encoder.fit_reference(reference, self.resize)
+            vl_size = self.encoder.vision_size(ref.width, ref.height)
             if min(vl_size) <= 0 or max(vl_size) / min(vl_size) > MAX_ASPECT_RATIO:
                 raise EditTunerError(
                     f"reference {number}: {reference.width}x{reference.height}, sized {ref.width}x{ref.height} for "
@@ -330,7 +319,7 @@ class Editor:
     @torch.no_grad()
     def edit(self, references: list[Image.Image], prompt: str, sampler: SamplerConfig = SamplerConfig(),
              mask: Image.Image | None = None) -> EditResult:
-        too_many = self.preset.reference_refusal(len(references))
+        too_many = self.family.reference_refusal(self.preset, len(references))
         if too_many is not None:
             raise EditTunerError(too_many)
         if not prompt.strip():
@@ -339,15 +328,14 @@ class Editor:
         refs = self.check_references(references)
         size = refs[0].size
         pixel_mask = _prepare_mask(mask, size)
-        encoded = encode_images_and_prompt(self.pipe, self.embedder, prompt, None, refs, None)
+        encoded = self.encoder.encode(prompt, None, refs, None)
         negative_prompt_emb = None
         if sampler.uses_cfg:
-            negative_prompt_emb = self.embedder.encode(self.pipe, sampler.negative_prompt, refs)
+            negative_prompt_emb = self.encoder.encode_prompt(sampler.negative_prompt, refs)
         if sampler.sampler == "bridge" and sampler.stream == "sub":
-            white = Image.new("RGB", size, (255, 255, 255))
-            encoded["white"] = self.pipe.vae.encode(self.pipe.preprocess_image(white))[0]
+            encoded["white"] = self.encoder.encode_image(Image.new("RGB", size, (255, 255, 255)))
         latents = self.sample_latents(encoded, sampler, negative_prompt_emb,
-                                      mask=mask_to_latent_grid(pixel_mask, size) if pixel_mask else None)
+                                      mask=self.encoder.mask_to_latent_grid(pixel_mask, size) if pixel_mask else None)
         if not bool(torch.isfinite(latents).all()):
             lora = f"the LoRA {self.lora.path} at strength {self.lora.strength:g}" if self.lora.path else "no LoRA"
             raise EditTunerError(f"the edit came out as NaN or infinite values (with {lora}); nothing was written. "
@@ -368,19 +356,11 @@ class Editor:
     def sample_latents(self, encoded: dict[str, torch.Tensor], sampler: SamplerConfig,
                        negative_prompt_emb: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                        dit: torch.nn.Module | None = None) -> torch.Tensor:
-        return sample_edit_latents(dit or self.dit, encoded, sampler, self.zero_cond_t, self.device, self.dtype,
+        return sample_edit_latents(dit or self.dit, encoded, sampler, self.choice.spec, self.device, self.dtype,
                                    negative_prompt_emb, mask)
 
     def decode(self, latents: torch.Tensor) -> Image.Image:
-        return decode_latents(self.pipe.vae, latents)
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> Image.Image:
-    """VAE-decode (1, 16, h, w) latents to an RGB image, with the engine's [-1, 1] -> uint8 rule."""
-    weight = next(vae.parameters())
-    pixels = vae.decode(latents.to(weight.device, weight.dtype))[0].permute(1, 2, 0)
-    return Image.fromarray(((pixels + 1) * 127.5).clip(0, 255).to("cpu", torch.uint8).numpy())
+        return self.family.decode(self.encoders.vae, latents)
 
 
 def validation_grid(rows: list[tuple[list[Image.Image], Image.Image, Image.Image, str]],
@@ -410,20 +390,21 @@ def validation_grid(rows: list[tuple[list[Image.Image], Image.Image, Image.Image
 
 @torch.no_grad()
 def sample_edit_latents(dit: torch.nn.Module, encoded: dict[str, torch.Tensor], sampler: SamplerConfig,
-                        zero_cond_t: bool, device, dtype, negative_prompt_emb: torch.Tensor | None = None,
+                        model: ModelSpec, device, dtype, negative_prompt_emb: torch.Tensor | None = None,
                         mask: torch.Tensor | None = None, denoiser=None) -> torch.Tensor:
     """Latents of the edit of one encoded sample (a phase-1 cache entry or a freshly encoded request).
 
-    ``zero_cond_t``: as the LoRA was trained (the run's setting for previews, the LoRA's metadata for sampling).
-    ``mask`` is the latent-grid mask (1, h, w), 1 = regenerate; ``negative_prompt_emb`` is needed for CFG.
-    ``denoiser``: the DiT as the trainer wrapped it (DDP, DeepSpeed engine), so ZeRO-3 gathers its shards."""
-    if not isinstance(zero_cond_t, bool):
-        raise TypeError(f"sample_edit_latents: zero_cond_t must be True or False, not {zero_cond_t!r}")
+    ``model``: the version with its switches as the LoRA was trained (the run's for previews, the LoRA's metadata
+    for sampling). ``mask`` is the latent-grid mask (1, h, w), 1 = regenerate; ``negative_prompt_emb`` is needed
+    for CFG. ``denoiser``: the DiT as the trainer wrapped it (DDP, DeepSpeed engine), so ZeRO-3 gathers its shards."""
+    if not isinstance(model, ModelSpec):
+        raise TypeError(f"sample_edit_latents: model must be a ModelSpec, not {model!r}")
+    family = model.family
     known = encoded["ref.0"][None].to(device, dtype)
-    conditioning = collate_conditioning([encoded], device, dtype, zero_cond_t, latent_hw=tuple(known.shape[-2:]))
+    conditioning = model.conditioning([encoded], device, dtype, latent_hw=tuple(known.shape[-2:]))
     keep = (mask[None].to(device, dtype), known) if mask is not None else None
     generator = torch.Generator().manual_seed(sampler.seed)
-    denoiser = denoiser or DiTDenoiser(dit)
+    denoiser = denoiser or family.denoiser(dit)
     if sampler.sampler == "bridge":
         if sampler.stream == "main":
             z_start = known
@@ -432,17 +413,16 @@ def sample_edit_latents(dit: torch.nn.Module, encoded: dict[str, torch.Tensor], 
             if z_start is None:
                 raise EditTunerError("--stream sub needs the white image's latents")
         if sampler.stream == "main" and not sampler.main_stream_references:
-            conditioning["edit_latents"] = None
+            conditioning = family.without_references(conditioning)
         return sample_bridge(denoiser, z_start, conditioning, steps=sampler.steps, sigma=sampler.bridge_sigma,
                              generator=generator, keep=keep)
     negative_conditioning = None
     if sampler.uses_cfg:
         if negative_prompt_emb is None:
             raise EditTunerError("guidance != 1 needs the negative prompt's embeddings")
-        negative_conditioning = dict(conditioning, prompt_emb=negative_prompt_emb[None].to(device, dtype),
-                                     prompt_emb_mask=torch.ones((1, negative_prompt_emb.shape[0]), dtype=torch.long,
-                                                                device=device))
-    return sample_flow(denoiser, conditioning, negative_conditioning, tuple(known.shape), sampler.steps,
+        negative_conditioning = model.conditioning([{**encoded, "prompt_emb": negative_prompt_emb}], device, dtype,
+                                                   latent_hw=tuple(known.shape[-2:]))
+    return family.sample_flow(denoiser, conditioning, negative_conditioning, tuple(known.shape), sampler.steps,
                        sampler.guidance, generator, keep=keep, device=device, dtype=dtype)
 
 
@@ -496,8 +476,8 @@ class SampleConfig:
             output_format(self.output)
         elif self.output_dir is None:
             raise EditTunerError("--dataset_json needs --output_dir (one image per row is written there)")
-        if self.model_version is not None and self.model_version not in PRESETS:
-            raise EditTunerError(f"--model_version {self.model_version}: choose one of {', '.join(sorted(PRESETS))}")
+        if self.model_version is not None:
+            check_version(self.model_version)
         if not math.isfinite(self.lora_strength):
             raise EditTunerError(f"--lora_strength {self.lora_strength}: must be a finite number (1 = as trained)")
 
@@ -549,13 +529,16 @@ def sample_images(cfg: SampleConfig, progress: bool = True) -> list[tuple[Path, 
     lora_state, metadata = load_lora_and_metadata(cfg.lora) if cfg.lora is not None else (None, None)
     choice = choose_model(metadata, cfg.lora, cfg.model_version, cfg.zero_cond_t)
     if rows is None:
-        too_many = PRESETS[choice.version].reference_refusal(len(cfg.references))
+        preset = PRESETS[choice.version]
+        too_many = FAMILIES[preset.family].reference_refusal(preset, len(cfg.references))
         if too_many is not None:
             raise EditTunerError(f"--image: {too_many}")
         references, mask = _read_inputs(cfg.references, cfg.mask)
     for note in choice.notes:   # the editor makes the same choice from the same flags and metadata
         print(f"warning: {note}", file=sys.stderr, flush=True)
-    editor = Editor(cfg.model, cfg.model_version, cfg.resize, base_quantization=cfg.base_quantization,
+    # The base model is the family the LoRA was trained for (or --model_version names).
+    model = replace(cfg.model, family=PRESETS[choice.version].family)
+    editor = Editor(model, cfg.model_version, cfg.resize, base_quantization=cfg.base_quantization,
                     zero_cond_t=cfg.zero_cond_t)
     editor.set_lora(cfg.lora, cfg.lora_strength, lora_state, metadata)
     if rows is not None:

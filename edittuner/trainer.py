@@ -19,6 +19,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -31,11 +32,12 @@ from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_r
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
 from .errors import EditTunerError, check_seed
 from .images import ResizeConfig
-from .lora import PRESETS, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
+from .families import DEFAULT_MODEL_VERSION, ModelSpec, check_version, model_spec
+from .lora import inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
 from .models import ModelSource
-from .objectives import OBJECTIVES, BridgeConfig, DiTDenoiser, FlowMatchConfig, Objective
+from .objectives import OBJECTIVES, BridgeConfig, FlowMatchConfig, Objective
 from .performance import PerformanceConfig, attention_backend, load_device, place_dit, prepare_base
-from .sampling import SamplerConfig, decode_latents, sample_edit_latents, validation_grid
+from .sampling import SamplerConfig, sample_edit_latents, validation_grid
 from .tracking import REPORT_TO, Tracker
 
 DEFAULT_VALIDATION_STEPS = 250  # when phase 1 made a validation cache and --validation_steps is not given
@@ -46,7 +48,7 @@ class TrainConfig:
     cache_dir: Path
     output_dir: Path
     model: ModelSource = field(default_factory=ModelSource)
-    model_version: str = "2511"
+    model_version: str = DEFAULT_MODEL_VERSION
     resize: ResizeConfig = field(default_factory=ResizeConfig)
     max_steps: int = 1000
     learning_rate: float | None = None        # adamw: 1e-4; prodigy_sf: 1.0
@@ -81,11 +83,12 @@ class TrainConfig:
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
     def __post_init__(self):
-        if self.model_version not in PRESETS:
-            raise EditTunerError(f"--model_version {self.model_version}: choose one of {sorted(PRESETS)}")
-        preset = PRESETS[self.model_version]
+        preset = check_version(self.model_version)
+        if self.model.family != preset.family:
+            raise EditTunerError(f"--model_version {self.model_version} is a {preset.family} model, but the model "
+                                 f"source is for {self.model.family}")
         self.lora_targets = tuple(self.lora_targets or preset.lora_targets)
-        self.zero_cond_t = preset.zero_cond_t if self.zero_cond_t is None else self.zero_cond_t
+        self.zero_cond_t = model_spec(self.model_version, self.zero_cond_t).zero_cond_t
         self.gradient_accumulation = self.gradient_accumulation or preset.gradient_accumulation
         self.alpha = float(self.alpha if self.alpha is not None else self.rank)
         if self.optimizer not in ("adamw", "prodigy_sf"):
@@ -131,6 +134,11 @@ class TrainConfig:
             raise EditTunerError(f"--validation_inference_steps / --validation_guidance: {exc}") from None
 
     @property
+    def spec(self) -> ModelSpec:
+        """The version trained, with this run's switches (what objectives and previews ask the family with)."""
+        return model_spec(self.model_version, self.zero_cond_t)
+
+    @property
     def validation_sampler(self) -> SamplerConfig:
         """Previews sample as the objective trains: flow with CFG, or the bridge from the first reference."""
         return make_objective(self).validation_sampler(self.validation_inference_steps, self.validation_guidance,
@@ -171,7 +179,7 @@ class _ScheduleFreeEval:
 def make_objective(cfg: TrainConfig) -> Objective:
     """The run's objective, picked by name from the registry, with its own settings (cfg.flow or cfg.bridge)."""
     kind = OBJECTIVES[cfg.objective]
-    return kind(getattr(cfg, kind.settings_field))
+    return kind(getattr(cfg, kind.settings_field), cfg.spec)
 
 
 @lru_cache(maxsize=2)
@@ -251,8 +259,9 @@ class ValidationPreviews:
         """References and target of pair ``index``, decoded once for the whole run."""
         if index not in self._fixed:
             sample = self.samples[index]
-            refs = [decode_latents(self.vae, sample[f"ref.{k}"][None]) for k in range(3) if f"ref.{k}" in sample]
-            self._fixed[index] = (refs, decode_latents(self.vae, sample["target"][None]))
+            decode = self.cfg.spec.family.decode
+            refs = [decode(self.vae, sample[f"ref.{k}"][None]) for k in range(3) if f"ref.{k}" in sample]
+            self._fixed[index] = (refs, decode(self.vae, sample["target"][None]))
         return self._fixed[index]
 
     @torch.no_grad()
@@ -263,13 +272,13 @@ class ValidationPreviews:
         rows = []
         with torch.random.fork_rng(devices=[]):
             for index, (sample, record) in enumerate(zip(self.samples, self.reader.records)):
-                # zero_cond_t as this run trains (--zero_cond_t may differ from the version's preset).
-                latents = sample_edit_latents(self.dit, sample, self.cfg.validation_sampler, self.cfg.zero_cond_t,
+                # The version's switches as this run trains (--zero_cond_t may differ from the version's preset).
+                latents = sample_edit_latents(self.dit, sample, self.cfg.validation_sampler, self.cfg.spec,
                                               self.device, self.dtype, sample.get("negative_prompt_emb"),
                                               denoiser=self.denoiser)
                 if self.vae is not None:
                     refs, target = self.fixed_images(index)
-                    rows.append((refs, decode_latents(self.vae, latents), target, record["prompt"]))
+                    rows.append((refs, self.cfg.spec.family.decode(self.vae, latents), target, record["prompt"]))
         if self.vae is not None:
             path = self.folder / f"step-{step:06d}.png"
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -436,20 +445,25 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         return _train(cfg, progress)
 
 
-def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-                zero_stage: int | None = None) -> tuple[torch.nn.Module, list]:
-    """The DiT as phase 2 trains it, and its LoRA parameters: levers checked, base loaded where the levers want it,
-    quantized, LoRA from the run's seed, placed on the device."""
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, zero_stage: int | None = None,
+                load_dit: Callable | None = None, on_base: Callable | None = None) -> tuple[torch.nn.Module, list, object]:
+    """The DiT as phase 2 trains it, its LoRA parameters and the block offloader (None without that lever): levers
+    checked, base loaded where the levers want it, quantized, LoRA from the run's seed, placed on the device.
+
+    ``load_dit(device, dtype)`` replaces loading from ``cfg.model`` (benchmarks/real_scale.py: random weights at
+    real size); ``on_base(dit)`` sees the quantized base before the LoRA (its memory, for the benchmark)."""
     levers = cfg.performance
     levers.check(device, dtype, zero_stage=zero_stage, batch_size=cfg.batch_size,
                  gradient_checkpointing=cfg.gradient_checkpointing)
     where = load_device(levers, device)
-    dit = cfg.model.load_dit(dtype=dtype, device=where)
+    dit = load_dit(where, dtype) if load_dit else cfg.model.load_dit(dtype=dtype, device=where)
     prepare_base(dit, levers, device)
+    if on_base:
+        on_base(dit)
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices come from the global RNG
-    inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha)
-    place_dit(dit, levers, device)
-    return dit, [p for _, p in lora_parameters(dit)]
+    inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha, cfg.spec.family)
+    offload = place_dit(dit, levers, device)
+    return dit, [p for _, p in lora_parameters(dit)], offload
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.Tensor]):
@@ -477,11 +491,11 @@ class TrainingRun:
         self.objective = make_objective(cfg)
         self.objective.check_cache(self.reader)
         self.dtype = torch.bfloat16 if self.mixed == "bf16" else torch.float32
-        self.dit, self.params = build_model(cfg, runtime.device, self.dtype, runtime.zero_stage)
+        self.dit, self.params, self.offload = build_model(cfg, runtime.device, self.dtype, runtime.zero_stage)
         optimizer, self.lr_schedule = make_optimizer(cfg, self.params)
         # Schedule-free eval()/train() go to the unwrapped optimizer: accelerate's wrapper has not always forwarded them.
         self.schedule_free = optimizer if cfg.optimizer == "prodigy_sf" else None
-        denoiser = DiTDenoiser(self.dit)
+        denoiser = cfg.spec.family.denoiser(self.dit)
         # The frozen base is the same on every rank (the same file, or the tiny model from its seed): DDP need not
         # broadcast it at start (40 GB at real size), and cannot broadcast a quantized tensor.
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -491,7 +505,7 @@ class TrainingRun:
         self.start_step, self.last_loss = 0, float("nan")
         self.settings = run_settings(cfg, self.mixed, self.reader)
         self.run_id = uuid.uuid4().hex[:12]   # keep_last prunes this run's checkpoints only
-        self.metadata = {"format": "diffsynth", "base_model": f"Qwen-Image-Edit-{cfg.model_version}",
+        self.metadata = {"format": "diffsynth", "base_model": cfg.spec.preset.base_model, "family": cfg.spec.preset.family,
                          "rank": str(cfg.rank), "alpha": str(cfg.alpha), "alpha_folded_into_lora_B": "true",
                          "target_modules": list(cfg.lora_targets), "zero_cond_t": str(cfg.zero_cond_t).lower()}
         self.eval_set = [self.reader.load(i) for i in range(min(cfg.eval_samples, len(self.reader)))]
@@ -559,14 +573,13 @@ class TrainingRun:
             return {}
         with self.averaged_weights(), torch.no_grad(), torch.random.fork_rng(devices=[]):
             return self.objective.evaluate(self.denoiser, self.eval_set, self.runtime.device, self.dtype,
-                                           self.cfg.zero_cond_t, self.cfg.gradient_checkpointing, self.runtime.autocast)
+                                           self.cfg.gradient_checkpointing, self.runtime.autocast)
 
     def group_losses(self, step: int, samples: list[dict], positions: list[int], indices: list[int]) -> torch.Tensor:
         """Per-sample losses of same-shape samples in one forward; each draws after its position's seed."""
         with self.runtime.autocast():
             losses = self.objective.losses(self.denoiser, samples, [seed_for_position(self.cfg.seed, p) for p in positions],
-                                           self.runtime.device, self.dtype, self.cfg.zero_cond_t,
-                                           self.cfg.gradient_checkpointing)
+                                           self.runtime.device, self.dtype, self.cfg.gradient_checkpointing)
         bad = [i for i, value in enumerate(losses.detach()) if not torch.isfinite(value)]
         if bad:
             raise EditTunerError(f"step {step + 1}: loss is {losses[bad[0]].item()} on sample "

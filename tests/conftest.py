@@ -54,8 +54,9 @@ def trained_run(demo_cache, resize, tmp_path_factory):
 def tiny_dit_with_lora(dit=None, dit_seed: int = 0):
     """The tiny DiT (or ``dit``) with a seeded rank-4 LoRA whose B is non-zero too, so that LoRA gradients depend
     on everything upstream."""
-    from edittuner.lora import PRESETS, inject_lora
-    from edittuner.tiny import build_tiny_dit
+    from edittuner.families import PRESETS
+    from edittuner.lora import inject_lora
+    from edittuner.families.qwen_image_edit.tiny import build_tiny_dit
     dit = dit if dit is not None else build_tiny_dit(dit_seed)
     torch.manual_seed(0)
     inject_lora(dit, PRESETS["2511"].lora_targets, rank=4, alpha=4)

@@ -11,10 +11,12 @@ from diffsynth.pipelines.qwen_image import model_fn_qwen_image
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_dit_with_lora
-from edittuner.batching import batched_model_fn, collate_conditioning, shape_groups
+from edittuner.families.qwen_image_edit.denoiser import batched_model_fn, collate_conditioning
+from edittuner.batching import shape_groups
 from edittuner.errors import EditTunerError
-from edittuner.objectives import DiTDenoiser, FlowMatchConfig, flow_matching_losses, training_scheduler
-from edittuner.tiny import TINY_TEXT_DIM, build_tiny_dit
+from edittuner.objectives import FlowMatchConfig, flow_matching_losses
+from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser, training_scheduler
+from edittuner.families.qwen_image_edit.tiny import TINY_TEXT_DIM, build_tiny_dit
 from edittuner.tracking import read_metrics
 from edittuner.trainer import TrainConfig, make_runtime, train
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from edittuner.objectives import (BridgeConfig, bridge_interpolant, bridge_matching_losses, bridge_step, bridge_target,
-                                  bridge_timestep_input, sample_bridge, training_scheduler)
+from edittuner.objectives import BridgeConfig, bridge_interpolant, bridge_matching_losses, bridge_step, bridge_target, bridge_timestep_input, sample_bridge
+from edittuner.families.qwen_image_edit.denoiser import training_scheduler
 
 
 def _pair(seed=0, shape=(1, 16, 6, 8)):

@@ -11,12 +11,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from edittuner.cache import CacheReader, PrecomputeConfig, precompute_cache
-from edittuner.encoding import make_encoding_pipe, prepare_images
+from edittuner.families.qwen_image_edit.encoding import make_encoding_pipe, prepare_images
 from edittuner.dataset import load_dataset
 from edittuner.errors import EditTunerError
 from edittuner.images import ResizeConfig
 from edittuner.models import ModelSource
-from edittuner.tiny import build_tiny_encoders
+from edittuner.families.qwen_image_edit.tiny import build_tiny_encoders
 
 from conftest import ROOT, TINY_PIXELS
 

@@ -21,11 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from benchmarks.flops import (DiTShape, dit_forward_flops, edit_prompt_tokens, forward_breakdown,
                               lora_training_step_flops, mfu, peak_tflops_for, real_2511_shape)
-from edittuner.lora import PRESETS, inject_lora
-from edittuner.models import EditDiT
-from edittuner.batching import collate_conditioning
-from edittuner.objectives import DiTDenoiser
-from edittuner.tiny import TINY_TEXT_DIM
+from edittuner.families import PRESETS
+from edittuner.lora import inject_lora
+from edittuner.families.qwen_image_edit.models import EditDiT
+from edittuner.families.qwen_image_edit.denoiser import collate_conditioning
+from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser
+from edittuner.families.qwen_image_edit.tiny import TINY_TEXT_DIM
 
 RANK = 4
 TEXT_TOKENS = 20

@@ -328,11 +328,10 @@ def test_batch_skips_bad_rows_writes_the_rest_and_exits_2(demo_dir, sliver, shar
 
 def test_editor_refuses_shapes_the_vision_encoder_cannot_take(editor, monkeypatch):
     """The app's path, and resize settings under which the engine's own resize breaks a modest 6:1 image."""
-    from edittuner.encoding import reference_prompt_embedder
     with pytest.raises(EditTunerError, match=r"^reference 1: 64x20000 has an aspect ratio of 312.5:1"):
         editor.edit([Image.new("RGB", (64, 20000))], "Invert it", SamplerConfig(steps=1))
     monkeypatch.setattr(editor, "resize", ResizeConfig(max_pixels=TINY_PIXELS, vl_pixels=28 * 28))
-    monkeypatch.setattr(editor, "embedder", reference_prompt_embedder(28 * 28))
+    monkeypatch.setattr(editor, "encoder", editor.family.sample_encoder(editor.preset, 28 * 28))
     with pytest.raises(EditTunerError, match=r"^reference 2: 96x16, sized 96x16 for the model, becomes 64x0 for the "
                                              r"vision encoder at --vl_pixels 784.*raise --vl_pixels"):
         editor.edit([Image.new("RGB", (96, 96)), Image.new("RGB", (96, 16))], "Invert it", SamplerConfig(steps=1))

@@ -7,10 +7,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from edittuner.errors import EditTunerError
-from edittuner.lora import PRESETS, inject_lora, lora_module_names
-from edittuner.batching import collate_conditioning
-from edittuner.objectives import DiTDenoiser, flow_matching_losses, training_scheduler
-from edittuner.tiny import build_tiny_dit, build_tiny_encoders
+from edittuner.families import PRESETS
+from edittuner.lora import inject_lora, lora_module_names
+from edittuner.families.qwen_image_edit.denoiser import collate_conditioning
+from edittuner.objectives import flow_matching_losses
+from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser, training_scheduler
+from edittuner.families.qwen_image_edit.tiny import build_tiny_dit, build_tiny_encoders
 from edittuner.tracking import read_metrics
 from edittuner.trainer import TrainConfig, sample_at, train
 

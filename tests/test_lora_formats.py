@@ -8,10 +8,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from edittuner.errors import EditTunerError
-from edittuner.lora import (PRESETS, export_lora, inject_lora, load_lora_file, lora_parameters, lora_state_dict,
-                            save_lora)
-from edittuner.objectives import DiTDenoiser
-from edittuner.tiny import TINY_DIT, build_tiny_dit
+from edittuner.families import PRESETS
+from edittuner.lora import export_lora, inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora
+from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser
+from edittuner.families.qwen_image_edit.tiny import TINY_DIT, build_tiny_dit
 
 from conftest import fuse_lora, run_cli
 

@@ -5,8 +5,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edittuner.errors import EditTunerError
-from edittuner.models import EditDiT, ModelSource
-from edittuner.tiny import TINY_DIT, TINY_VAE, build_processor, build_tiny_dit, build_tiny_encoders
+from edittuner.models import ModelSource
+from edittuner.families.qwen_image_edit.models import EditDiT
+from edittuner.families.qwen_image_edit.tiny import TINY_DIT, TINY_VAE, build_processor, build_tiny_dit, build_tiny_encoders
 
 
 def write_official_layout(root, seed=0, old_text_encoder_keys=False):
@@ -59,7 +60,7 @@ def test_tiny_vae_calibration_gives_unit_latents_and_keeps_the_decoder_path():
 
     from diffsynth.models.qwen_image_vae import QwenImageVAE
 
-    from edittuner.tiny import _calibration_images, calibrate_latent_scale
+    from edittuner.families.qwen_image_edit.tiny import _calibration_images, calibrate_latent_scale
     torch.manual_seed(3)
     raw = QwenImageVAE(**TINY_VAE).eval()
     calibrated = copy.deepcopy(raw)

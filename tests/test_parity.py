@@ -6,8 +6,9 @@ from diffsynth.diffusion.loss import FlowMatchSFTLoss
 from diffsynth.pipelines.qwen_image import QwenImagePipeline, model_fn_qwen_image
 from einops import rearrange
 
-from edittuner.objectives import DiTDenoiser, FlowMatchConfig, flow_matching_losses, training_scheduler
-from edittuner.tiny import TINY_DIT, TINY_TEXT_DIM, build_tiny_dit
+from edittuner.objectives import FlowMatchConfig, flow_matching_losses
+from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser, training_scheduler
+from edittuner.families.qwen_image_edit.tiny import TINY_DIT, TINY_TEXT_DIM, build_tiny_dit
 
 
 def _inputs(seed=0, h=8, w=12, ref_hw=((8, 12),), text_len=37):

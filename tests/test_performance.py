@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_PIXELS, run_cli, tiny_dit_with_lora
 from edittuner.errors import EditTunerError
-from edittuner.models import EditDiT
-from edittuner.batching import collate_conditioning
-from edittuner.objectives import DiTDenoiser
+from edittuner.families.qwen_image_edit.models import EditDiT
+from edittuner.families.qwen_image_edit.denoiser import collate_conditioning
+from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser
 from edittuner.performance import (BlockOffload, PerformanceConfig, attention_backend, compile_blocks,
                                    quantize_base, quantized_bytes)
-from edittuner.tiny import TINY_TEXT_DIM, build_tiny_dit
+from edittuner.families.qwen_image_edit.tiny import TINY_TEXT_DIM, build_tiny_dit
 from edittuner.tracking import read_metrics
 from edittuner.trainer import TrainConfig, train
 

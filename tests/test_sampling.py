@@ -8,12 +8,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from edittuner.encoding import fit_reference, make_encoding_pipe, mask_to_latent_grid
+from edittuner.families.qwen_image_edit.encoding import fit_reference, make_encoding_pipe, mask_to_latent_grid
 from edittuner.errors import EditTunerError
 from edittuner.images import load_rgb
-from edittuner.lora import PRESETS, inject_lora, set_lora_state
+from edittuner.families import PRESETS
+from edittuner.lora import inject_lora, set_lora_state
 from edittuner.sampling import Editor, SamplerConfig
-from edittuner.tiny import build_tiny_dit, build_tiny_encoders
+from edittuner.families.qwen_image_edit.tiny import build_tiny_dit, build_tiny_encoders
 
 from conftest import TINY_PIXELS, fuse_lora, run_cli
 
@@ -68,7 +69,7 @@ def test_mask_regenerates_only_the_masked_region(editor, source, sampler):
     mask = _box_mask(ref.size)
     result = editor.edit([source], PROMPT, sampler, mask=mask)
     with torch.no_grad():
-        known = editor.pipe.vae.encode(editor.pipe.preprocess_image(ref))
+        known = editor.encoder.encode_image(ref)[None]
     outside = 1 - mask_to_latent_grid(mask, ref.size)[None]
     # The latents outside the mask are the source's; inside they are new.
     assert float(((result.latents - known) * outside).abs().max()) < 1e-5
@@ -117,8 +118,8 @@ def test_lora_hooks_match_fused_and_training_adapters_and_removal_restores_the_b
 
 
 def _encode(editor, source):
-    from edittuner.encoding import encode_images_and_prompt
-    return encode_images_and_prompt(editor.pipe, editor.embedder, PROMPT, None, [fit_reference(source, editor.resize)],
+    from edittuner.families.qwen_image_edit.encoding import encode_images_and_prompt
+    return encode_images_and_prompt(editor.encoder.pipe, editor.encoder.embedder, PROMPT, None, [fit_reference(source, editor.resize)],
                                     None)
 
 
@@ -213,9 +214,9 @@ def test_sample_takes_zero_cond_t_from_the_lora_and_warns_on_override(trained_ru
     seen = []
     original = sampling.sample_edit_latents
 
-    def recording(dit, encoded, sampler, zero_cond_t, *args, **kwargs):
-        seen.append(zero_cond_t)
-        return original(dit, encoded, sampler, zero_cond_t, *args, **kwargs)
+    def recording(dit, encoded, sampler, model, *args, **kwargs):
+        seen.append(model.zero_cond_t)
+        return original(dit, encoded, sampler, model, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "sample_edit_latents", recording)
 

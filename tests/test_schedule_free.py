@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 
 from edittuner.checkpoint import load_state
 from edittuner.errors import EditTunerError
-from edittuner.lora import PRESETS, inject_lora, lora_parameters, set_lora_state
-from edittuner.tiny import build_tiny_dit
+from edittuner.families import PRESETS
+from edittuner.lora import inject_lora, lora_parameters, set_lora_state
+from edittuner.families.qwen_image_edit.tiny import build_tiny_dit
 from edittuner.tracking import read_metrics
 from edittuner.trainer import TrainConfig, train
 

@@ -1,5 +1,6 @@
 """Validation previews during training and WandB run tracking (offline, read back from the run file)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -149,9 +150,10 @@ def test_previews_sample_with_the_runs_zero_cond_t_not_the_presets(cache_with_va
     original = trainer_module.sample_edit_latents
     compared = []
 
-    def comparing(dit, sample, sampler, zero_cond_t, device, dtype, *args, **kwargs):
-        preview = original(dit, sample, sampler, zero_cond_t, device, dtype, *args, **kwargs)
-        off, on = (original(dit, sample, sampler, z, device, dtype, *args, **kwargs) for z in (False, True))
+    def comparing(dit, sample, sampler, model, device, dtype, *args, **kwargs):
+        preview = original(dit, sample, sampler, model, device, dtype, *args, **kwargs)
+        off, on = (original(dit, sample, sampler, dataclasses.replace(model, zero_cond_t=z), device, dtype, *args,
+                            **kwargs) for z in (False, True))
         compared.append((torch.equal(preview, off), torch.equal(preview, on)))
         return preview
 

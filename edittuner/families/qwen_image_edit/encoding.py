@@ -12,13 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import Sample
-from .errors import EditTunerError
-from .images import ResizeConfig, fit_size, load_mask, load_rgb, resize_to
-from .lora import DEFAULT_MODEL_VERSION, PRESETS
+from ...dataset import Sample
+from ...errors import EditTunerError
+from ...images import ResizeConfig, fit_size, load_mask, load_rgb, resize_to
+from .presets import UNNAMED_PROMPT_TEMPLATE
 from .models import Encoders
 
-DEFAULT_NEGATIVE_PROMPT = " "   # what the engine's Qwen-Image-Edit examples pass
 
 
 @dataclass(frozen=True)
@@ -36,18 +35,17 @@ class PromptTemplate:
 #   vision encoder sees the very image whose latents the DiT gets.
 PROMPT_TEMPLATES = {"multi": PromptTemplate("encode_prompt_edit_multi", one_image=False),
                     "single": PromptTemplate("encode_prompt_edit", one_image=True)}
-# Samples cached before their records named the template were all encoded with this one.
-LEGACY_PROMPT_TEMPLATE = "multi"
+LEGACY_PROMPT_TEMPLATE = UNNAMED_PROMPT_TEMPLATE   # the template of records and calls that name none
 
 
 def template_identity(prompt_template: str | None = None) -> str:
-    """The engine's prompt code for ``prompt_template`` (default: the default version's) and the engine version:
+    """The engine's prompt code for ``prompt_template`` (default: "multi") and the engine version:
     if either changes, old prompt embeddings are stale. The two templates hash different code, so their caches
     never pass for each other."""
     import diffsynth
     from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder
 
-    template = PROMPT_TEMPLATES[prompt_template or PRESETS[DEFAULT_MODEL_VERSION].prompt_template]
+    template = PROMPT_TEMPLATES[prompt_template or LEGACY_PROMPT_TEMPLATE]
     source = inspect.getsource(getattr(QwenImageUnit_PromptEmbedder, template.engine_function))
     version = getattr(diffsynth, "__version__", None) or _dist_version("diffsynth")
     return f"diffsynth-{version}:" + hashlib.sha256(source.encode()).hexdigest()[:12]
@@ -75,11 +73,11 @@ def make_encoding_pipe(encoders: Encoders, device, dtype):
 
 
 def reference_prompt_embedder(vl_pixels: int, prompt_template: str | None = None):
-    """The engine's prompt unit for ``prompt_template`` (PROMPT_TEMPLATES; default: the default version's), with the
+    """The engine's prompt unit for ``prompt_template`` (PROMPT_TEMPLATES; default: "multi"), with the
     multi template's reference resize for the VL encoder taken from ``vl_pixels``."""
     from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder
 
-    name = prompt_template or PRESETS[DEFAULT_MODEL_VERSION].prompt_template
+    name = prompt_template or LEGACY_PROMPT_TEMPLATE
     template = PROMPT_TEMPLATES[name]
 
     class ReferencePromptEmbedder(QwenImageUnit_PromptEmbedder):
@@ -149,3 +147,50 @@ def encode_images_and_prompt(pipe, embedder, prompt: str, target: Image.Image | 
         if mask is not None:
             tensors["mask"] = mask_to_latent_grid(mask, target.size)
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> Image.Image:
+    """VAE-decode (1, 16, h, w) latents to an RGB image, with the engine's [-1, 1] -> uint8 rule."""
+    weight = next(vae.parameters())
+    pixels = vae.decode(latents.to(weight.device, weight.dtype))[0].permute(1, 2, 0)
+    return Image.fromarray(((pixels + 1) * 127.5).clip(0, 255).to("cpu", torch.uint8).numpy())
+
+
+class QwenSampleEncoder:
+    """The family's ``SampleEncoder``: one version's prompt template at ``vl_pixels``; ``attach`` gives it the
+    loaded encoders (row checks before that need only the sizes)."""
+
+    def __init__(self, prompt_template: str, vl_pixels: int):
+        self.prompt_template = prompt_template
+        self.embedder = reference_prompt_embedder(vl_pixels, prompt_template)
+        self.pipe = None
+
+    def attach(self, encoders: Encoders, device, dtype) -> None:
+        self.pipe = make_encoding_pipe(encoders, device, dtype)
+
+    def fit_reference(self, image: Image.Image, resize: ResizeConfig) -> Image.Image:
+        return fit_reference(image, resize)
+
+    def prepare(self, sample: Sample, resize: ResizeConfig):
+        return prepare_images(sample, resize)
+
+    def vision_size(self, width: int, height: int) -> tuple[int, int]:
+        return self.embedder.vision_size(width, height)
+
+    def vision_note(self) -> str:
+        return self.embedder.vision_note()
+
+    def encode(self, prompt, target, refs, mask, negative_prompt=None) -> dict[str, torch.Tensor]:
+        return encode_images_and_prompt(self.pipe, self.embedder, prompt, target, refs, mask, negative_prompt)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, refs: list[Image.Image]) -> torch.Tensor:
+        return self.embedder.encode(self.pipe, prompt, refs)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        return self.pipe.vae.encode(self.pipe.preprocess_image(image))[0]
+
+    def mask_to_latent_grid(self, mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        return mask_to_latent_grid(mask, size)

@@ -1,0 +1,167 @@
+"""The model-family interface: what the trainer, phase 1, sampling, the app and the CLI may ask of an edit model.
+
+A family (Qwen-Image-Edit, later LongCat-Image-Edit, ...) is one module under ``edittuner/families/`` that
+subclasses ``Family`` and registers an instance in ``families/__init__.py``. Its versions are ``Preset``s (the
+``--model_version`` values, unique across families). Everything model-specific lives behind these methods:
+nothing outside a family module branches on a model version.
+
+Heavy imports (the engine, transformers) belong inside the methods, so that choosing a version (the CLI, the
+launchers' ``--dry_run``) stays fast.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from ..dataset import Sample
+    from ..images import ResizeConfig
+    from ..models import ModelSource
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One version of a family: what it trains by default and what it takes as input.
+
+    ``zero_cond_t``: the version's default for the switch (None: the family has no such switch, and turning it on
+    is refused). ``max_references``: reference images per sample. ``prompt_template``: the family's name for how
+    the prompt sees the references (part of the cache identity)."""
+
+    family: str
+    name: str
+    base_model: str                 # what a LoRA file's metadata records
+    lora_targets: tuple[str, ...]
+    gradient_accumulation: int
+    zero_cond_t: bool | None = None
+    max_references: int = 3
+    prompt_template: str = "multi"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A version as a run uses it: the preset with the run's switches. Objectives and samplers get this and
+    ask its family for the denoiser's inputs, so they never know which model they drive."""
+
+    family: "Family"
+    preset: Preset
+    zero_cond_t: bool = False
+
+    def conditioning(self, samples: list[dict], device, dtype, gradient_checkpointing: bool = False,
+                     latent_hw: tuple[int, int] | None = None) -> dict:
+        return self.family.conditioning(self, samples, device, dtype, gradient_checkpointing, latent_hw)
+
+
+class SampleEncoder(Protocol):
+    """One version's phase-1 encoding of a sample, shared by phase 1, sampling and the app."""
+
+    prompt_template: str
+
+    def fit_reference(self, image: "Image.Image", resize: "ResizeConfig") -> "Image.Image": ...
+
+    def prepare(self, sample: "Sample", resize: "ResizeConfig") -> tuple: ...
+
+    def vision_size(self, width: int, height: int) -> tuple[int, int]: ...
+
+    def vision_note(self) -> str: ...
+
+    def attach(self, encoders: Any, device, dtype) -> None: ...
+
+    def encode(self, prompt: str, target, refs: list, mask, negative_prompt: str | None = None) -> dict: ...
+
+    def encode_prompt(self, prompt: str, refs: list) -> "torch.Tensor": ...
+
+    def encode_image(self, image: "Image.Image") -> "torch.Tensor": ...
+
+    def mask_to_latent_grid(self, mask: "Image.Image", size: tuple[int, int]) -> "torch.Tensor": ...
+
+
+class Family(ABC):
+    """What every model family provides. ``presets`` maps version names to ``Preset``s."""
+
+    name: str
+    base_model_prefix: str               # every preset's base_model starts with it (LoRA metadata)
+    presets: dict[str, Preset]
+    default_version: str
+    lora_layouts: tuple[str, ...]        # export-lora formats its LoRA files can be written in
+    components: tuple[str, ...]          # model-directory folders phase 1 and 2 need together
+    unnamed_prompt_template: str | None = None   # the template of cache records from before they named one
+
+    # ---- the model directory -------------------------------------------------------------------------------
+    @abstractmethod
+    def check_model(self, source: "ModelSource", components: tuple[str, ...]) -> None:
+        """Refuse a missing or incomplete model directory, listing what is missing."""
+
+    @abstractmethod
+    def load_dit(self, source: "ModelSource", dtype, device) -> "torch.nn.Module": ...
+
+    @abstractmethod
+    def load_encoders(self, source: "ModelSource", dtype, device) -> Any: ...
+
+    @abstractmethod
+    def load_vae(self, source: "ModelSource", dtype, device) -> "torch.nn.Module": ...
+
+    @abstractmethod
+    def encoder_fingerprint(self, source: "ModelSource") -> str | None:
+        """Identity of the encoders phase 1 uses (None: not available here)."""
+
+    # ---- phase 1 ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def sample_encoder(self, preset: Preset, vl_pixels: int) -> SampleEncoder: ...
+
+    @abstractmethod
+    def prompt_identity(self, prompt_template: str | None = None) -> str:
+        """The identity of the code that encodes prompts with ``prompt_template``: a change makes caches stale."""
+
+    @abstractmethod
+    def template_of(self, identity: dict) -> str | None:
+        """Which prompt template a cache identity's prompts were encoded with (None: unknown code)."""
+
+    # ---- phase 2 and sampling --------------------------------------------------------------------------------
+    @abstractmethod
+    def denoiser(self, dit: "torch.nn.Module") -> "torch.nn.Module":
+        """The DiT as one module: forward(latents (B, C, h, w), timestep (B,), **conditioning) -> prediction."""
+
+    @abstractmethod
+    def conditioning(self, spec: ModelSpec, samples: list[dict], device, dtype, gradient_checkpointing: bool,
+                     latent_hw: tuple[int, int] | None) -> dict:
+        """The denoiser's inputs besides latents and timestep, for same-shape cached samples."""
+
+    @abstractmethod
+    def select_rows(self, conditioning: dict, rows: list[int]) -> dict: ...
+
+    @abstractmethod
+    def without_references(self, conditioning: dict) -> dict:
+        """The conditioning with the reference tokens left out (LBM's streams that do not see them)."""
+
+    @abstractmethod
+    def training_scheduler(self) -> Any:
+        """The flow-matching training schedule: ``timesteps``, ``add_noise``, ``training_target``,
+        ``training_weight`` as the engine's FlowMatchScheduler has them."""
+
+    @abstractmethod
+    def sample_flow(self, denoiser: Callable, conditioning: dict, negative_conditioning: dict | None, latent_shape,
+                    steps: int, guidance: float, generator, keep=None, device=None, dtype=None) -> "torch.Tensor": ...
+
+    @abstractmethod
+    def decode(self, vae: "torch.nn.Module", latents: "torch.Tensor") -> "Image.Image": ...
+
+    @abstractmethod
+    def lora_module_names(self, dit: "torch.nn.Module", targets: tuple[str, ...]) -> list[str]:
+        """Full names of the Linear layers ``targets`` select, minus those whose output never reaches the loss."""
+
+    # ---- shared rules ----------------------------------------------------------------------------------------
+    def reference_refusal(self, preset: Preset, count: int) -> str | None:
+        """Why ``count`` reference images do not fit ``preset``; None when they do."""
+        if 1 <= count <= preset.max_references:
+            return None
+        fitting = [name for name, p in sorted(self.presets.items()) if p.max_references >= count]
+        way_out = f"; drop the extra references, or use --model_version {' or '.join(fitting)}" \
+            if count > preset.max_references and fitting else ""
+        takes = "exactly 1" if preset.max_references == 1 else f"1 to {preset.max_references}"
+        return (f"{count} reference image(s), but {preset.base_model} (--model_version {preset.name}) takes {takes} "
+                f"(the first is the one edited){way_out}")

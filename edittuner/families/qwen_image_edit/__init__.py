@@ -1,0 +1,108 @@
+"""Qwen-Image-Edit, the first family: the original (2508), 2509 and 2511, on the pinned ``diffsynth`` engine.
+
+This module is light (no engine import): the ``Family`` methods over the versions' ``presets``; they
+import their parts when called: ``models`` (the engine's classes at any size, the official layout),
+``tiny`` (the built-in tiny model), ``encoding`` (the engine's prompt unit and its two templates, VAE latents,
+the mask on the latent grid) and ``denoiser`` (batched model function, training schedule, flow sampler).
+"""
+
+from __future__ import annotations
+
+from ..base import Family, ModelSpec
+from .presets import NAME, PRESETS, UNNAMED_PROMPT_TEMPLATE, selects_module
+
+
+class QwenImageEdit(Family):
+    """Qwen-Image-Edit on the engine: tiny when --model_dir is tiny and no component folder overrides it."""
+
+    name = NAME
+    base_model_prefix = "Qwen-Image-Edit-"
+    presets = PRESETS
+    default_version = "2511"
+    lora_layouts = ("diffsynth", "comfyui", "diffusers")
+    components = ("transformer", "text_encoder", "vae", "processor")
+    unnamed_prompt_template = UNNAMED_PROMPT_TEMPLATE
+
+    # ---- the model directory ---------------------------------------------------------------------------------
+    def check_model(self, source, components):
+        from .models import check_model
+        check_model(source, components)
+
+    def load_dit(self, source, dtype, device):
+        if source.is_tiny and not source.transformer_dir:
+            from .tiny import build_tiny_dit
+            return build_tiny_dit(source.tiny_seed).to(device=device, dtype=dtype)
+        from .models import load_dit
+        return load_dit(source, dtype, device)
+
+    def load_encoders(self, source, dtype, device):
+        if source.uses_tiny_encoders:
+            from .tiny import build_tiny_encoders
+            encoders = build_tiny_encoders(source.tiny_seed)
+            encoders.text_encoder.to(device=device, dtype=dtype)
+            encoders.vae.to(device=device, dtype=dtype)
+            return encoders
+        from .models import load_encoders
+        return load_encoders(source, dtype, device, self.encoder_fingerprint(source))
+
+    def load_vae(self, source, dtype, device):
+        if source.uses_tiny_encoders:
+            from .tiny import build_tiny_encoders
+            return build_tiny_encoders(source.tiny_seed).vae.to(device=device, dtype=dtype)
+        from .models import load_vae
+        return load_vae(source, dtype, device)
+
+    def encoder_fingerprint(self, source):
+        if source.uses_tiny_encoders:
+            from .tiny import tiny_fingerprint
+            return tiny_fingerprint(source.tiny_seed)
+        from .models import encoder_fingerprint
+        return encoder_fingerprint(source)
+
+    # ---- phase 1 ---------------------------------------------------------------------------------------------
+    def sample_encoder(self, preset, vl_pixels):
+        from .encoding import QwenSampleEncoder
+        return QwenSampleEncoder(preset.prompt_template, vl_pixels)
+
+    def prompt_identity(self, prompt_template=None):
+        from .encoding import template_identity
+        return template_identity(prompt_template)
+
+    def template_of(self, identity):
+        from .encoding import template_of
+        return template_of(identity)
+
+    # ---- phase 2 and sampling --------------------------------------------------------------------------------
+    def denoiser(self, dit):
+        from .denoiser import DiTDenoiser
+        return DiTDenoiser(dit)
+
+    def conditioning(self, spec: ModelSpec, samples, device, dtype, gradient_checkpointing=False, latent_hw=None):
+        from .denoiser import collate_conditioning
+        return collate_conditioning(samples, device, dtype, spec.zero_cond_t, gradient_checkpointing, latent_hw)
+
+    def select_rows(self, conditioning, rows):
+        from .denoiser import select_rows
+        return select_rows(conditioning, rows)
+
+    def without_references(self, conditioning):
+        return {**conditioning, "edit_latents": None}
+
+    def training_scheduler(self):
+        from .denoiser import training_scheduler
+        return training_scheduler()
+
+    def sample_flow(self, denoiser, conditioning, negative_conditioning, latent_shape, steps, guidance, generator,
+                    keep=None, device=None, dtype=None):
+        from .denoiser import sample_flow
+        return sample_flow(denoiser, conditioning, negative_conditioning, latent_shape, steps, guidance, generator,
+                           keep, device, dtype)
+
+    def decode(self, vae, latents):
+        from .encoding import decode_latents
+        return decode_latents(vae, latents)
+
+    def lora_module_names(self, dit, targets):
+        import torch
+        return [name for name, module in dit.named_modules()
+                if isinstance(module, torch.nn.Linear) and selects_module(name, targets, len(dit.transformer_blocks))]
