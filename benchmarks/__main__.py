@@ -35,6 +35,7 @@ from edittuner.images import ResizeConfig  # noqa: E402
 from edittuner.families import PRESETS  # noqa: E402
 from edittuner.lora import inject_lora, lora_parameters  # noqa: E402
 from edittuner.models import ModelSource  # noqa: E402
+from edittuner.performance import check_levers  # noqa: E402
 from edittuner.families.qwen_image_edit.models import EditDiT  # noqa: E402
 from edittuner.families.qwen_image_edit.denoiser import collate_conditioning  # noqa: E402
 from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser, training_scheduler  # noqa: E402
@@ -424,7 +425,7 @@ def bench_levers(work: Path, dataset: Path, steps: int, rounds: int = 2) -> dict
     runnable = {}
     for name, levers in cases.items():
         try:
-            PerformanceConfig(**levers).check(torch.device("cpu"), torch.float32)
+            check_levers(PerformanceConfig(**levers), torch.device("cpu"), torch.float32)
             runnable[name] = levers
         except Exception as exc:  # EditTunerError: the refusal is the figure
             result["cases"][name] = {"refused": str(exc)}

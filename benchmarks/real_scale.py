@@ -131,7 +131,8 @@ from edittuner.errors import EditTunerError  # noqa: E402
 from edittuner.families import PRESETS  # noqa: E402
 from edittuner.families.qwen_image_edit.models import EditDiT  # noqa: E402
 from edittuner.trainer import peak_rss_gb  # noqa: E402
-from edittuner.performance import PerformanceConfig, attention_backend, load_device, quantized_bytes  # noqa: E402
+from edittuner.performance import (PerformanceConfig, attention_backend, check_levers, load_device,  # noqa: E402
+                                   quantized_bytes)
 
 PRESET = PRESETS["2511"]
 RANK = 32
@@ -522,7 +523,7 @@ def run_phase2_case(name: str, run: Run, log) -> dict:
     levers = PHASE2_CASES[name]
     row = {"case": name, "status": "running", "levers": asdict(levers), "description": levers.describe()}
     try:
-        levers.check(run.device, run.dtype, gradient_checkpointing=True)
+        check_levers(levers, run.device, run.dtype, gradient_checkpointing=True)
     except EditTunerError as exc:
         log(f"  refused: {exc}")
         return {**row, "status": "refused", "error": str(exc)}

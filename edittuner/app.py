@@ -33,9 +33,12 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .errors import EditTunerError  # noqa: E402
-from .families import DEFAULT_MODEL_VERSION, VERSIONS  # noqa: E402
-from .performance import BASE_QUANTIZATION  # noqa: E402
-from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, Editor, SamplerConfig  # noqa: E402
+from .cli import model_source  # noqa: E402
+from .configs import DEFAULT_GUIDANCE, DEFAULT_STEPS, SampleConfig, SamplerConfig  # noqa: E402
+from .families import DEFAULT_MODEL_VERSION  # noqa: E402
+from .images import ResizeConfig  # noqa: E402
+from .options import add_options, from_args  # noqa: E402
+from .sampling import Editor  # noqa: E402
 
 NO_LORA = "none"
 MAX_UPLOAD_PIXELS = 40_000_000          # 40 megapixels, checked from the header before decoding
@@ -334,8 +337,15 @@ def build_app(session: EditSession, title: str = "edittuner: try your LoRA") -> 
 
 # ---- command line ----------------------------------------------------------------------------------------------
 
+# The app's help for the options it shares with `edittuner sample`, where the LoRA is picked in the app.
+SHARED_OPTIONS_HELP = {
+    "model_version": ("prompt template, references taken and zero_cond_t (default: the version the chosen LoRA was "
+                      f"trained for, from its metadata, else {DEFAULT_MODEL_VERSION})"),
+    "zero_cond_t": "on/off (default: as the chosen LoRA was trained, else the version's preset)",
+    "base_quantization": "the DiT's blocks in int8 or fp8 (GPU, sm89+): the 20B base in about half the memory"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _on_off, add_model_args, add_resize_args
     parser = argparse.ArgumentParser(prog="app_gradio.py", description="Gradio app: edit an image with the base "
                                      "model and a LoRA from the run outputs")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}, this "
@@ -344,17 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", default=None, help="user:pass required to open the app")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     parser.add_argument("--train_dir", default="train", help="where LoRAs are listed from: <train_dir>/**/lora*.safetensors")
-    parser.add_argument("--model_version", default=None, choices=VERSIONS,
-                        help=f"prompt template, references taken and zero_cond_t (default: the version the chosen "
-                             f"LoRA was trained for, from its metadata, else {DEFAULT_MODEL_VERSION})")
-    parser.add_argument("--zero_cond_t", type=_on_off, default=None,
-                        help="on/off (default: as the chosen LoRA was trained, else the version's preset)")
     parser.add_argument("--max_upload_megapixels", type=float, default=MAX_UPLOAD_PIXELS / 1e6,
                         help=f"refuse larger uploads (default {MAX_UPLOAD_PIXELS / 1e6:g})")
-    parser.add_argument("--base_quantization", default="none", choices=list(BASE_QUANTIZATION),
-                        help="the DiT's blocks in int8 or fp8 (GPU, sm89+): the 20B base in about half the memory")
-    add_model_args(parser)
-    add_resize_args(parser)
+    add_options(parser, SampleConfig, only=("model", "model_version", "zero_cond_t", "resize", "base_quantization"),
+                helps=SHARED_OPTIONS_HELP)
     return parser
 
 
@@ -368,9 +371,7 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 
 def load_editor(args) -> Editor:
-    from .cli import resize_from_args
-    from .models import model_source_from_args
-    return Editor(model_source_from_args(args), args.model_version, resize_from_args(args),
+    return Editor(model_source(args), args.model_version, from_args(ResizeConfig, args),
                   base_quantization=args.base_quantization, zero_cond_t=args.zero_cond_t)
 
 

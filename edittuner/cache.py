@@ -23,7 +23,7 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,12 +33,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
+from .configs import PrecomputeConfig
 from .dataset import Sample, load_dataset
 from .defaults import DEFAULT_NEGATIVE_PROMPT
 from .errors import EditTunerError
-from .families import DEFAULT_MODEL_VERSION, FAMILIES, PRESETS, Family, Preset, check_version
+from .families import DEFAULT_MODEL_VERSION, FAMILIES, PRESETS, Family
 from .images import ResizeConfig, check_aspect_ratio, fit_size, probe_image
-from .models import ModelSource
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -78,38 +78,6 @@ def sample_filename(sample_id: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in sample_id)[:80]
     # The hash keeps ids that differ only in unsafe characters apart.
     return f"{safe}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}.safetensors"
-
-
-@dataclass(frozen=True)
-class PrecomputeConfig:
-    dataset_json: Path
-    cache_dir: Path
-    model: ModelSource
-    resize: ResizeConfig
-    model_version: str = DEFAULT_MODEL_VERSION
-    dtype: str = "auto"
-    overwrite: bool = False
-    validation_json: Path | None = None     # encoded into <cache_dir>/validation for phase 2's previews
-    negative_prompt: str | None = None      # set for the validation cache: CFG previews need its embeddings
-    data_root: Path | None = None           # every dataset path must lie inside it (default: EDITTUNER_DATA_ROOT)
-
-    def __post_init__(self):
-        check_version(self.model_version)
-        if self.model.family != self.preset.family:
-            raise EditTunerError(f"--model_version {self.model_version} is a {self.preset.family} model, but the model "
-                                 f"source is for {self.model.family}")
-
-    @property
-    def preset(self) -> Preset:
-        return PRESETS[self.model_version]
-
-    @property
-    def family(self) -> Family:
-        return FAMILIES[self.preset.family]
-
-    @property
-    def prompt_template(self) -> str:
-        return self.preset.prompt_template
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:

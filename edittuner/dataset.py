@@ -23,7 +23,7 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -40,15 +40,20 @@ ROW_FIELDS = {"id", "prompt", "image", "edit_image", "ref_gt", "back_mask", "wid
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    raw_dir: Path
-    output: Path
-    prompt: str | None = None
-    workers: int = 1
-    verify: bool = False
-    min_size: int = 64
-    strict_size: bool = False
-    val_fraction: float = 0.0
-    split_seed: int = 0
+    raw_dir: Path = field(metadata={"help": "folder with target/, source/ [source_2/ source_3/ ref_gt/ mask/]"})
+    output: Path = field(metadata={"help": "dataset JSON to write"})
+    prompt: str | None = field(default=None, metadata={
+        "help": "one prompt for samples without a .txt or prompts.jsonl entry"})
+    workers: int = field(default=1, metadata={"cli_default": max(1, min(8, os.cpu_count() or 1)),
+                                              "help": "processes (default: cores, max 8)"})
+    verify: bool = field(default=False, metadata={
+        "action": "store_true", "help": "fully decode every image (slower; catches truncated files)"})
+    min_size: int = field(default=64, metadata={
+        "help": "skip images whose shorter side is below this (default 64)"})
+    strict_size: bool = field(default=False, metadata={
+        "action": "store_true", "help": "also require references and ref_gt to match the target size"})
+    val_fraction: float = field(default=0.0, metadata={"help": "fraction held out to <output>_val.json (default 0)"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/val split (default 0)"})
 
     def __post_init__(self):
         if self.workers < 1:

@@ -6,12 +6,13 @@ import errno
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageOps
 
 from .errors import EditTunerError
+from .options import positive_int
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -166,10 +167,13 @@ class ResizeConfig:
     vl_pixels: area the references are resized to for the Qwen2.5-VL encoder (the engine uses 384*384).
     """
 
-    max_pixels: int = 1024 * 1024
-    multiple: int = 16
-    ref_max_pixels: int | None = None
-    vl_pixels: int = 384 * 384
+    max_pixels: int = field(default=1024 * 1024, metadata={"type": positive_int, "help": (
+        "scale target images down to at most this many pixels (default 1048576 = 1024^2)")})
+    multiple: int = field(default=16, metadata={"help": "floor width/height to a multiple of 16, 32 or 64 (default 16)"})
+    ref_max_pixels: int | None = field(default=None, metadata={
+        "type": positive_int, "help": "pixel budget for reference images (default: --max_pixels)"})
+    vl_pixels: int = field(default=384 * 384, metadata={"type": positive_int, "help": (
+        "area references are resized to for the Qwen2.5-VL encoder (default 147456 = 384^2, as the engine)")})
 
     def __post_init__(self):
         if self.multiple not in (16, 32, 64):

@@ -4,13 +4,16 @@ are the family's (``families/<family>/models.py``, over ``weights.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import EditTunerError
 from .families import DEFAULT_FAMILY
+from .options import seed_int
+
+if TYPE_CHECKING:  # torch is imported where a model loads: the CLI's parser reads ModelSource's fields without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -19,13 +22,20 @@ class ModelSource:
     overrides, e.g. 2511's DiT with Qwen-Image's text encoder and VAE), or the family's built-in tiny model.
     Checking and loading are the family's (``Family.check_model``, ``load_dit``, ...)."""
 
-    model_dir: str = "tiny"
-    tiny_seed: int = 0
-    family: str = DEFAULT_FAMILY       # a registered family's name (families.FAMILIES)
-    transformer_dir: str | None = None
-    text_encoder_dir: str | None = None
-    vae_dir: str | None = None
-    processor_dir: str | None = None
+    model_dir: str = field(default="tiny", metadata={
+        "help": "local Qwen-Image-Edit folder in the official layout, or 'tiny' for the built-in model"})
+    tiny_seed: int = field(default=0, metadata={"type": seed_int,
+                                                "help": "seed the tiny model is made from (default 0)"})
+    # a registered family's name (families.FAMILIES); the CLI's is that of --model_version
+    family: str = field(default=DEFAULT_FAMILY, metadata={"cli": False})
+    transformer_dir: str | None = field(default=None, metadata={
+        "help": "override the transformer/ folder (e.g. Qwen-Image's transformer with 2511's DiT)"})
+    text_encoder_dir: str | None = field(default=None, metadata={
+        "help": "override the text_encoder/ folder (e.g. Qwen-Image's text_encoder with 2511's DiT)"})
+    vae_dir: str | None = field(default=None, metadata={
+        "help": "override the vae/ folder (e.g. Qwen-Image's vae with 2511's DiT)"})
+    processor_dir: str | None = field(default=None, metadata={
+        "help": "override the processor/ folder (e.g. Qwen-Image's processor with 2511's DiT)"})
 
     @property
     def is_tiny(self) -> bool:
@@ -59,23 +69,17 @@ class ModelSource:
         """Identity of everything phase 1 encodes with; None when those folders are not available here."""
         return self.model_family.encoder_fingerprint(self)
 
-    def load_dit(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
-        return self.model_family.load_dit(self, dtype, device)
+    def load_dit(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+        return self.model_family.load_dit(self, _float32_unless(dtype), device)
 
-    def load_encoders(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        return self.model_family.load_encoders(self, dtype, device)
+    def load_encoders(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        return self.model_family.load_encoders(self, _float32_unless(dtype), device)
 
-    def load_vae(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
+    def load_vae(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The VAE alone: phase 2 decodes its validation previews with it (the text encoder stays unloaded)."""
-        return self.model_family.load_vae(self, dtype, device)
+        return self.model_family.load_vae(self, _float32_unless(dtype), device)
 
 
-def model_source_from_args(args, family: str | None = None) -> ModelSource:
-    """The model source the CLI's flags name, for ``family`` (default: the family of ``--model_version``, else
-    the default version's)."""
-    from .families import family_of
-    version = getattr(args, "model_version", None)
-    return ModelSource(family=family or family_of(version).name, model_dir=args.model_dir, tiny_seed=args.tiny_seed,
-                       transformer_dir=getattr(args, "transformer_dir", None),
-                       text_encoder_dir=getattr(args, "text_encoder_dir", None),
-                       vae_dir=getattr(args, "vae_dir", None), processor_dir=getattr(args, "processor_dir", None))
+def _float32_unless(dtype: torch.dtype | None) -> torch.dtype:
+    import torch
+    return torch.float32 if dtype is None else dtype

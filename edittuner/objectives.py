@@ -14,28 +14,9 @@ from typing import Callable
 
 import torch
 
+from .configs import BRIDGE_T_MAX, BridgeConfig, FlowMatchConfig, SamplerConfig
 from .errors import EditTunerError
 from .families import Family, ModelSpec, family_of
-
-
-@dataclass(frozen=True)
-class FlowMatchConfig:
-    min_timestep_boundary: float = 0.0
-    max_timestep_boundary: float = 1.0
-    # Mask weighting: per-latent-pixel weight masked_weight inside the edit mask, unmasked_weight outside,
-    # normalised by the mean weight so the loss scale does not depend on the mask's area. 1/1 = plain MSE.
-    masked_weight: float = 1.0
-    unmasked_weight: float = 1.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.min_timestep_boundary < self.max_timestep_boundary <= 1.0:
-            raise EditTunerError("--min_timestep_boundary / --max_timestep_boundary: need 0 <= min < max <= 1")
-        if self.masked_weight < 0 or self.unmasked_weight < 0 or self.masked_weight + self.unmasked_weight == 0:
-            raise EditTunerError("--masked_loss_weight / --unmasked_loss_weight: must be >= 0 and not both 0")
-
-    @property
-    def uses_mask(self) -> bool:
-        return self.masked_weight != self.unmasked_weight
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
@@ -87,44 +68,7 @@ def flow_matching_losses(denoiser: Callable, scheduler, x0s: list[torch.Tensor],
 # Regression target (the bridge drift in the engine's sign):
 #     u*(z_t, t) = (z_t - z1) / (1 - t) = (z0 - z1) + sigma * sqrt(t / (1 - t)) * eps
 # chosen because the sampler needs E[z1 | z_t] = z_t - (1 - t) u, which this target estimates without bias
-# (regressing the clean z0 - z1 instead would bias it whenever sigma > 0).
-
-BRIDGE_T_MAX = 1.0 - 1e-3  # keep (1 - t) away from 0, where the target's noise term sqrt(t/(1-t)) blows up
-
-
-@dataclass(frozen=True)
-class BridgeConfig:
-    sigma: float = 0.01
-    sub_stream_probability: float = 0.1
-    timestep_sampling: str = "discrete"           # uniform | logit_normal | discrete
-    discrete_timesteps: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
-    discrete_probabilities: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
-    logit_normal_mean: float = 0.0
-    logit_normal_std: float = 1.0
-    main_stream_references: bool = True
-    normalize_velocity: bool = False
-    masked_weight: float = 1.0
-    unmasked_weight: float = 1.0
-
-    def __post_init__(self):
-        if not 0 <= self.sigma <= 1:
-            raise EditTunerError(f"--bridge_sigma {self.sigma}: must be in [0, 1]")
-        if not 0 <= self.sub_stream_probability <= 1:
-            raise EditTunerError(f"--sub_stream_probability {self.sub_stream_probability}: must be in [0, 1]")
-        if self.timestep_sampling not in ("uniform", "logit_normal", "discrete"):
-            raise EditTunerError(f"--bridge_timesteps {self.timestep_sampling}: choose uniform, logit_normal or discrete")
-        if (len(self.discrete_timesteps) != len(self.discrete_probabilities) or not self.discrete_timesteps
-                or any(not 0 <= t <= BRIDGE_T_MAX for t in self.discrete_timesteps)
-                or any(p < 0 for p in self.discrete_probabilities) or sum(self.discrete_probabilities) <= 0):
-            raise EditTunerError("--discrete_timesteps / --discrete_probabilities: same length, times in [0, 0.999], "
-                                 "non-negative probabilities")
-        if self.logit_normal_std <= 0:
-            raise EditTunerError(f"--logit_normal_std {self.logit_normal_std}: must be positive")
-        FlowMatchConfig(masked_weight=self.masked_weight, unmasked_weight=self.unmasked_weight)
-
-    @property
-    def weighting(self) -> FlowMatchConfig:
-        return FlowMatchConfig(masked_weight=self.masked_weight, unmasked_weight=self.unmasked_weight)
+# (regressing the clean z0 - z1 instead would bias it whenever sigma > 0). Its settings: configs.BridgeConfig.
 
 
 def bridge_interpolant(z0, z1, t, sigma: float, eps):
@@ -317,7 +261,6 @@ class FlowMatching(Objective):
                                     conditioning, self.settings, _placed(samples, "mask", device))
 
     def validation_sampler(self, steps, guidance, seed):
-        from .sampling import SamplerConfig  # sampling imports this module: a late import breaks the cycle
         return SamplerConfig(sampler="flow", steps=20 if steps is None else steps, guidance=guidance, seed=seed)
 
 
@@ -358,7 +301,6 @@ class LatentBridgeMatching(Objective):
         return {**result, "bridge_1step_distance_ratio": sum(ratios) / len(ratios)}
 
     def validation_sampler(self, steps, guidance, seed):
-        from .sampling import SamplerConfig  # sampling imports this module: a late import breaks the cycle
         return SamplerConfig(sampler="bridge", steps=1 if steps is None else steps, seed=seed,
                              main_stream_references=self.settings.main_stream_references)
 

@@ -1,109 +1,80 @@
 """Speed and memory levers for the DiT: the attention kernel, ``torch.compile`` of the transformer blocks, a
 low-memory (int8 / fp8) frozen base under the bf16 LoRA, and block-level CPU offload of the frozen weights.
 
-Each lever is one field of ``PerformanceConfig`` (CLI flags ``--attention``, ``--compile``,
-``--base_quantization``, ``--offload_blocks``; launcher variables of the same names in capitals). ``check``
-refuses a combination that cannot run where the run is, with the reason and the way out, before any model is
-loaded. ``place_dit`` puts the DiT on the device with the levers applied, in the order they need: quantize and
-offload work block by block from host memory, so the bf16 base never has to fit on the card in one piece.
+Each lever is one field of ``PerformanceConfig`` (configs.py; CLI flags ``--attention``, ``--compile``,
+``--base_quantization``, ``--offload_blocks``; launcher variables of the same names in capitals).
+``check_levers`` (``PerformanceConfig.check``) refuses a combination that cannot run where the run is, with the
+reason and the way out, before any model is loaded. ``place_dit`` puts the DiT on the device with the levers
+applied, in the order they need: quantize and offload work block by block from host memory, so the bf16 base
+never has to fit on the card in one piece.
 """
 
 from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
+from .configs import PerformanceConfig
 from .errors import EditTunerError
 
-ATTENTION = ("auto", "sdpa", "flash", "efficient", "cudnn", "math")
-BASE_QUANTIZATION = ("none", "int8", "fp8")
 
-
-@dataclass
-class PerformanceConfig:
-    # auto: the engine's choice (FlashAttention-3 when flash_attn_interface is installed, else PyTorch SDPA, which
-    # picks its own kernel); sdpa: PyTorch SDPA even when FA3 is installed; flash / efficient / cudnn / math: that
-    # SDPA kernel alone.
-    attention: str = "auto"
-    compile: bool = False            # torch.compile each transformer block (regional: one graph serves all blocks)
-    base_quantization: str = "none"  # none | int8 | fp8: the frozen Linear weights of the blocks (torchao)
-    offload_blocks: bool = False     # frozen block weights live in pinned host memory, copied in per block
-
-    def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise EditTunerError(f"--attention {self.attention}: choose one of {', '.join(ATTENTION)}")
-        if self.base_quantization not in BASE_QUANTIZATION:
-            raise EditTunerError(f"--base_quantization {self.base_quantization}: choose one of "
-                                 f"{', '.join(BASE_QUANTIZATION)}")
-
-    def check(self, device: torch.device, dtype: torch.dtype, *, zero_stage: int | None = None,
-              batch_size: int = 1, gradient_checkpointing: bool = True) -> None:
-        """Refuse what cannot run on this device / with these settings, naming the lever and the way out."""
-        cuda = device.type == "cuda"
-        if self.attention in ("efficient", "cudnn") and not cuda:
-            raise EditTunerError(f"--attention {self.attention}: this SDPA kernel runs on CUDA GPUs only and this run "
-                                 "is on the CPU; use --attention auto (or flash / math)")
-        if self.attention == "cudnn" and cuda and torch.cuda.get_device_capability(device) < (9, 0):
-            raise EditTunerError("--attention cudnn: the cuDNN attention kernel needs a Hopper GPU (sm90) or newer; "
-                                 "use --attention flash or auto")
-        if self.attention == "flash" and cuda and dtype not in (torch.bfloat16, torch.float16):
-            raise EditTunerError(f"--attention flash: the flash kernel takes bf16/fp16 on a GPU, and this run is "
-                                 f"{dtype}; use --mixed_precision bf16 (or auto), or --attention auto")
-        if self.attention in ("flash", "cudnn") and batch_size > 1:
-            raise EditTunerError(f"--attention {self.attention} with --batch_size {batch_size}: samples in a batch "
-                                 "whose prompts differ in length need an attention mask, which this kernel does not "
-                                 "take; use --attention auto / efficient / math, or --batch_size 1")
-        if self.base_quantization != "none" and zero_stage:
-            raise EditTunerError(f"--base_quantization {self.base_quantization} under DeepSpeed ZeRO-{zero_stage}: "
-                                 "ZeRO partitions plain tensors, not quantized ones; use accelerate_configs/ddp.yaml "
-                                 "or a single process with a quantized base")
-        if self.base_quantization == "fp8":
-            if not cuda:
-                raise EditTunerError("--base_quantization fp8: fp8 weights need a CUDA GPU (compute capability 8.9 or "
-                                     "newer: Ada, Hopper); this run is on the CPU. Use --base_quantization int8 here, "
-                                     "or none")
-            if torch.cuda.get_device_capability(device) < (8, 9):
-                name = torch.cuda.get_device_name(device)
-                raise EditTunerError(f"--base_quantization fp8: {name} has no fp8 support (needs compute capability "
-                                     "8.9 or newer: Ada, Hopper); use --base_quantization int8")
-        if self.base_quantization != "none":
-            _torchao()
-        if self.compile and zero_stage:
-            raise EditTunerError(f"--compile under DeepSpeed ZeRO-{zero_stage}: ZeRO gathers each block's weights with "
-                                 "hooks a compiled block would trace through; use accelerate_configs/ddp.yaml or a "
-                                 "single process with --compile")
-        if self.offload_blocks:
-            if not cuda:
-                raise EditTunerError("--offload_blocks: block offload keeps the frozen weights in host memory and "
-                                     "copies each block to the GPU as it runs; this run is on the CPU, where the "
-                                     "weights already are. Drop the flag")
-            if zero_stage:
-                raise EditTunerError(f"--offload_blocks under DeepSpeed ZeRO-{zero_stage}: ZeRO manages the weights "
-                                     "itself; use accelerate_configs/zero3_offload.yaml for ZeRO's own CPU offload, or "
-                                     "drop ZeRO")
-            if not gradient_checkpointing:
-                raise EditTunerError("--offload_blocks needs --gradient_checkpointing on: without it every block's "
-                                     "weights are held for the backward pass and nothing is saved")
-            if self.base_quantization != "none":
-                raise EditTunerError(f"--offload_blocks with --base_quantization {self.base_quantization}: the two are "
-                                     "not combined; pick one (int8 halves the base on the card, offload keeps only "
-                                     "two blocks there)")
-            if self.compile:
-                raise EditTunerError("--offload_blocks with --compile: the offload hooks move weights between devices, "
-                                     "which a compiled graph cannot follow; pick one")
-
-    def describe(self) -> str:
-        parts = [f"attention {self.attention}"]
-        if self.compile:
-            parts.append("compiled blocks")
-        if self.base_quantization != "none":
-            parts.append(f"{self.base_quantization} base")
-        if self.offload_blocks:
-            parts.append("block offload")
-        return ", ".join(parts)
+def check_levers(cfg: PerformanceConfig, device: torch.device, dtype: torch.dtype, *, zero_stage: int | None = None,
+                 batch_size: int = 1, gradient_checkpointing: bool = True) -> None:
+    """Refuse what cannot run on this device / with these settings, naming the lever and the way out."""
+    cuda = device.type == "cuda"
+    if cfg.attention in ("efficient", "cudnn") and not cuda:
+        raise EditTunerError(f"--attention {cfg.attention}: this SDPA kernel runs on CUDA GPUs only and this run "
+                             "is on the CPU; use --attention auto (or flash / math)")
+    if cfg.attention == "cudnn" and cuda and torch.cuda.get_device_capability(device) < (9, 0):
+        raise EditTunerError("--attention cudnn: the cuDNN attention kernel needs a Hopper GPU (sm90) or newer; "
+                             "use --attention flash or auto")
+    if cfg.attention == "flash" and cuda and dtype not in (torch.bfloat16, torch.float16):
+        raise EditTunerError(f"--attention flash: the flash kernel takes bf16/fp16 on a GPU, and this run is "
+                             f"{dtype}; use --mixed_precision bf16 (or auto), or --attention auto")
+    if cfg.attention in ("flash", "cudnn") and batch_size > 1:
+        raise EditTunerError(f"--attention {cfg.attention} with --batch_size {batch_size}: samples in a batch "
+                             "whose prompts differ in length need an attention mask, which this kernel does not "
+                             "take; use --attention auto / efficient / math, or --batch_size 1")
+    if cfg.base_quantization != "none" and zero_stage:
+        raise EditTunerError(f"--base_quantization {cfg.base_quantization} under DeepSpeed ZeRO-{zero_stage}: "
+                             "ZeRO partitions plain tensors, not quantized ones; use accelerate_configs/ddp.yaml "
+                             "or a single process with a quantized base")
+    if cfg.base_quantization == "fp8":
+        if not cuda:
+            raise EditTunerError("--base_quantization fp8: fp8 weights need a CUDA GPU (compute capability 8.9 or "
+                                 "newer: Ada, Hopper); this run is on the CPU. Use --base_quantization int8 here, "
+                                 "or none")
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            name = torch.cuda.get_device_name(device)
+            raise EditTunerError(f"--base_quantization fp8: {name} has no fp8 support (needs compute capability "
+                                 "8.9 or newer: Ada, Hopper); use --base_quantization int8")
+    if cfg.base_quantization != "none":
+        _torchao()
+    if cfg.compile and zero_stage:
+        raise EditTunerError(f"--compile under DeepSpeed ZeRO-{zero_stage}: ZeRO gathers each block's weights with "
+                             "hooks a compiled block would trace through; use accelerate_configs/ddp.yaml or a "
+                             "single process with --compile")
+    if cfg.offload_blocks:
+        if not cuda:
+            raise EditTunerError("--offload_blocks: block offload keeps the frozen weights in host memory and "
+                                 "copies each block to the GPU as it runs; this run is on the CPU, where the "
+                                 "weights already are. Drop the flag")
+        if zero_stage:
+            raise EditTunerError(f"--offload_blocks under DeepSpeed ZeRO-{zero_stage}: ZeRO manages the weights "
+                                 "itself; use accelerate_configs/zero3_offload.yaml for ZeRO's own CPU offload, or "
+                                 "drop ZeRO")
+        if not gradient_checkpointing:
+            raise EditTunerError("--offload_blocks needs --gradient_checkpointing on: without it every block's "
+                                 "weights are held for the backward pass and nothing is saved")
+        if cfg.base_quantization != "none":
+            raise EditTunerError(f"--offload_blocks with --base_quantization {cfg.base_quantization}: the two are "
+                                 "not combined; pick one (int8 halves the base on the card, offload keeps only "
+                                 "two blocks there)")
+        if cfg.compile:
+            raise EditTunerError("--offload_blocks with --compile: the offload hooks move weights between devices, "
+                                 "which a compiled graph cannot follow; pick one")
 
 
 # ---------------------------------------------------------------------------------------------------------------

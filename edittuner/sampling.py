@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,51 +32,14 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path, check_output_dir, check_output_file, safe_filename, write_json
-from .defaults import DEFAULT_NEGATIVE_PROMPT
+from .configs import SampleConfig, SamplerConfig, output_format
 from .errors import EditTunerError
 from .families import DEFAULT_MODEL_VERSION, FAMILIES, PRESETS, ModelSpec, check_version, model_spec
 from .images import MAX_ASPECT_RATIO, ResizeConfig, check_aspect_ratio, load_mask, load_rgb
 from .lora import load_lora_and_metadata, load_lora_file
 from .models import ModelSource
 from .objectives import sample_bridge
-from .performance import PerformanceConfig, load_device, prepare_base
-
-SAMPLERS = ("flow", "bridge")
-DEFAULT_STEPS = {"flow": 30, "bridge": 1}
-DEFAULT_GUIDANCE = 4.0
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """How to sample, independent of what: shared by `sample`, the app and validation previews."""
-
-    sampler: str = "flow"
-    steps: int | None = None               # flow: 30, bridge: 1
-    guidance: float = DEFAULT_GUIDANCE      # flow only; 1 disables CFG (one forward per step)
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    seed: int = 0
-    stream: str = "main"                   # bridge: start from the first reference (main) or a white image (sub)
-    bridge_sigma: float = 0.0
-    main_stream_references: bool = True
-    keep_unmasked_pixels: bool = True
-
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise EditTunerError(f"--sampler {self.sampler}: choose flow or bridge")
-        if self.steps is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
-        if not 1 <= self.steps <= 1000:
-            raise EditTunerError(f"--steps {self.steps}: must be between 1 and 1000")
-        if not 0 <= self.guidance <= 50:
-            raise EditTunerError(f"--guidance {self.guidance}: must be between 0 and 50 (1 disables CFG)")
-        if self.stream not in ("main", "sub"):
-            raise EditTunerError(f"--stream {self.stream}: choose main or sub")
-        if not 0 <= self.bridge_sigma <= 1:
-            raise EditTunerError(f"--bridge_sigma {self.bridge_sigma}: must be in [0, 1]")
-
-    @property
-    def uses_cfg(self) -> bool:
-        return self.sampler == "flow" and self.guidance != 1.0
+from .performance import PerformanceConfig, check_levers, load_device, prepare_base
 
 
 @dataclass
@@ -244,7 +207,7 @@ class Editor:
         self.dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         # int8 / fp8 blocks: the 20B base in about half the memory, for trying a LoRA on a 24 GB card.
         levers = PerformanceConfig(base_quantization=base_quantization)
-        levers.check(torch.device(self.device), self.dtype)
+        check_levers(levers, torch.device(self.device), self.dtype)
         self._check_family(self.choice, None)
         model.check(self.family.components)
         self.resize = resize
@@ -428,58 +391,7 @@ def sample_edit_latents(dit: torch.nn.Module, encoded: dict[str, torch.Tensor], 
 
 # ---- `edittuner sample` ----------------------------------------------------------------------------------------
 
-OUTPUT_FORMATS = {"": "PNG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
-                  ".tif": "TIFF", ".tiff": "TIFF"}
 SKIPPED_REPORT = "_skipped.json"   # in --output_dir: the dataset rows the last batch run could not edit
-
-
-def output_format(output: Path) -> str:
-    """The Pillow format an output file name asks for, or a clear error (checked before anything is loaded)."""
-    fmt = OUTPUT_FORMATS.get(Path(output).suffix.lower())
-    if fmt is None:
-        raise EditTunerError(f"--output {output}: {Path(output).suffix} is not an image type sample writes; end the "
-                             "name in .png, .jpg or .webp")
-    return fmt
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """One edit (``references`` + ``prompt`` -> ``output``) or a batch (``dataset_json`` -> ``output_dir``)."""
-
-    output: Path | None = None
-    references: tuple[Path, ...] = ()
-    prompt: str = ""
-    mask: Path | None = None
-    dataset_json: Path | None = None
-    output_dir: Path | None = None
-    use_dataset_masks: bool = False
-    data_root: Path | None = None
-    model: ModelSource = field(default_factory=ModelSource)
-    model_version: str | None = None        # None: the LoRA's (its metadata), else the default version
-    zero_cond_t: bool | None = None         # None: the LoRA's, else the version's preset
-    lora: Path | None = None
-    lora_strength: float = 1.0
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    resize: ResizeConfig = field(default_factory=ResizeConfig)
-    base_quantization: str = "none"
-
-    def __post_init__(self):
-        if self.dataset_json is None:
-            most = max(preset.max_references for preset in PRESETS.values())
-            if not 1 <= len(self.references) <= most:
-                raise EditTunerError(f"--image: give 1 to {most} reference images (the first is the one being "
-                                     "edited), or --dataset_json for a batch")
-            if not self.prompt.strip():
-                raise EditTunerError("--prompt: empty; write the edit instruction")
-            if self.output is None:
-                raise EditTunerError("--output: name the image file to write")
-            output_format(self.output)
-        elif self.output_dir is None:
-            raise EditTunerError("--dataset_json needs --output_dir (one image per row is written there)")
-        if self.model_version is not None:
-            check_version(self.model_version)
-        if not math.isfinite(self.lora_strength):
-            raise EditTunerError(f"--lora_strength {self.lora_strength}: must be a finite number (1 = as trained)")
 
 
 class RowsSkipped(EditTunerError):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -16,7 +15,6 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -24,129 +22,18 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import defaults
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .batching import shape_groups
 from .cache import VALIDATION_SUBDIR, CacheReader
 from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_resume, save_state, write_checkpoint
+from .configs import DEFAULT_VALIDATION_STEPS, SamplerConfig, TrainConfig
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
-from .errors import EditTunerError, check_seed
-from .images import ResizeConfig
-from .families import DEFAULT_MODEL_VERSION, ModelSpec, check_version, model_spec
+from .errors import EditTunerError
 from .lora import inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
-from .models import ModelSource
-from .objectives import OBJECTIVES, BridgeConfig, FlowMatchConfig, Objective
-from .performance import PerformanceConfig, attention_backend, load_device, place_dit, prepare_base
-from .sampling import SamplerConfig, sample_edit_latents, validation_grid
-from .tracking import REPORT_TO, Tracker
-
-DEFAULT_VALIDATION_STEPS = 250  # when phase 1 made a validation cache and --validation_steps is not given
-
-
-@dataclass
-class TrainConfig:
-    cache_dir: Path
-    output_dir: Path
-    model: ModelSource = field(default_factory=ModelSource)
-    model_version: str = DEFAULT_MODEL_VERSION
-    resize: ResizeConfig = field(default_factory=ResizeConfig)
-    max_steps: int = 1000
-    learning_rate: float | None = None        # adamw: 1e-4; prodigy_sf: 1.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = None        # adamw: 1.0; prodigy_sf: clipping is refused
-    optimizer: str = "adamw"                  # adamw | prodigy_sf (ProdigyPlusScheduleFree)
-    rank: int = 32
-    alpha: float | None = None
-    gradient_accumulation: int | None = None
-    batch_size: int = 1                       # samples per micro-step; same-shape samples share one DiT forward
-    zero_cond_t: bool | None = None
-    lora_targets: tuple[str, ...] | None = None
-    seed: int = 0
-    save_every: int = defaults.SAVE_EVERY
-    keep_last: int | None = None
-    gradient_checkpointing: bool = True
-    mixed_precision: str = "auto"
-    objective: str = "flow"                   # flow | lbm
-    flow: FlowMatchConfig = field(default_factory=FlowMatchConfig)
-    bridge: BridgeConfig = field(default_factory=BridgeConfig)
-    resume: str | None = None
-    overwrite: bool = False                   # a fresh run may replace an earlier run in output_dir
-    eval_samples: int = 8
-    eval_every: int = 0
-    deepspeed_config: Path | None = None      # a DeepSpeed JSON (accelerate_configs/zero3.json): drive ZeRO directly
-    report_to: str = "auto"                   # auto: wandb when WANDB_API_KEY or WANDB_MODE is set, else none
-    validation_steps: int | None = None       # previews every N steps; None: 250 if the cache has validation pairs
-    validation_samples: int = 4
-    validation_inference_steps: int | None = None   # flow: 20, lbm (bridge sampler): 1
-    validation_guidance: float = 4.0
-    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
-
-    def __post_init__(self):
-        preset = check_version(self.model_version)
-        if self.model.family != preset.family:
-            raise EditTunerError(f"--model_version {self.model_version} is a {preset.family} model, but the model "
-                                 f"source is for {self.model.family}")
-        self.lora_targets = tuple(self.lora_targets or preset.lora_targets)
-        self.zero_cond_t = model_spec(self.model_version, self.zero_cond_t).zero_cond_t
-        self.gradient_accumulation = self.gradient_accumulation or preset.gradient_accumulation
-        self.alpha = float(self.alpha if self.alpha is not None else self.rank)
-        if self.optimizer not in ("adamw", "prodigy_sf"):
-            raise EditTunerError(f"--optimizer {self.optimizer}: choose adamw or prodigy_sf")
-        if self.objective not in OBJECTIVES:
-            raise EditTunerError(f"--objective {self.objective}: choose {' or '.join(OBJECTIVES)}")
-        schedule_free = self.optimizer == "prodigy_sf"
-        if schedule_free and self.max_grad_norm:
-            raise EditTunerError(f"--max_grad_norm {self.max_grad_norm}: gradient clipping is refused with "
-                                 "--optimizer prodigy_sf (it breaks Prodigy's step-size estimate); drop the flag")
-        if schedule_free and self.warmup_steps:
-            raise EditTunerError("--warmup_steps: prodigy_sf runs at a constant lr (schedule-free); drop the flag")
-        if self.learning_rate is None:
-            self.learning_rate = 1.0 if schedule_free else 1e-4
-        if self.max_grad_norm is None:
-            self.max_grad_norm = 0.0 if schedule_free else 1.0
-        checks = [(self.max_steps >= 1, f"--max_steps {self.max_steps}: must be at least 1"),
-                  (self.learning_rate > 0 and math.isfinite(self.learning_rate),
-                   f"--learning_rate {self.learning_rate}: must be a positive number"),
-                  (self.warmup_steps >= 0, f"--warmup_steps {self.warmup_steps}: must be >= 0"),
-                  (1 <= self.rank <= 1024, f"--rank {self.rank}: must be between 1 and 1024"),
-                  (self.alpha > 0, f"--alpha {self.alpha}: must be positive"),
-                  (self.gradient_accumulation >= 1, f"--gradient_accumulation {self.gradient_accumulation}: must be >= 1"),
-                  (self.batch_size >= 1, f"--batch_size {self.batch_size}: must be >= 1"),
-                  (self.save_every >= 1, f"--save_every {self.save_every}: must be >= 1"),
-                  (self.max_grad_norm >= 0, f"--max_grad_norm {self.max_grad_norm}: must be >= 0 (0 disables clipping)"),
-                  (self.mixed_precision in ("auto", "no", "bf16"),
-                   f"--mixed_precision {self.mixed_precision}: choose auto, no or bf16"),
-                  (self.eval_samples >= 0, f"--eval_samples {self.eval_samples}: must be >= 0"),
-                  (self.eval_every >= 0, f"--eval_every {self.eval_every}: must be >= 0 (0: only at start and end)"),
-                  (self.keep_last is None or self.keep_last >= 1, f"--keep_last {self.keep_last}: must be >= 1"),
-                  (self.report_to in REPORT_TO, f"--report_to {self.report_to}: choose wandb, none or auto"),
-                  (self.validation_steps is None or self.validation_steps >= 0,
-                   f"--validation_steps {self.validation_steps}: must be >= 0 (0 disables previews)"),
-                  (self.validation_samples >= 1, f"--validation_samples {self.validation_samples}: must be >= 1")]
-        for ok, message in checks:
-            if not ok:
-                raise EditTunerError(message)
-        check_seed(self.seed)
-        try:
-            self.validation_sampler  # checked now, not when the first preview is due
-        except EditTunerError as exc:
-            raise EditTunerError(f"--validation_inference_steps / --validation_guidance: {exc}") from None
-
-    @property
-    def spec(self) -> ModelSpec:
-        """The version trained, with this run's switches (what objectives and previews ask the family with)."""
-        return model_spec(self.model_version, self.zero_cond_t)
-
-    @property
-    def validation_sampler(self) -> SamplerConfig:
-        """Previews sample as the objective trains: flow with CFG, or the bridge from the first reference."""
-        return make_objective(self).validation_sampler(self.validation_inference_steps, self.validation_guidance,
-                                                       self.seed)
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        return json.loads(json.dumps(data, default=str))
+from .objectives import OBJECTIVES, Objective
+from .performance import attention_backend, check_levers, load_device, place_dit, prepare_base
+from .sampling import sample_edit_latents, validation_grid
+from .tracking import Tracker
 
 
 class _ScheduleFreeEval:
@@ -174,12 +61,6 @@ class _ScheduleFreeEval:
                 for p, kept in zip(self.params, self.training_view):
                     p.copy_(kept)
         return False
-
-
-def make_objective(cfg: TrainConfig) -> Objective:
-    """The run's objective, picked by name from the registry, with its own settings (cfg.flow or cfg.bridge)."""
-    kind = OBJECTIVES[cfg.objective]
-    return kind(getattr(cfg, kind.settings_field), cfg.spec)
 
 
 @lru_cache(maxsize=2)
@@ -220,6 +101,17 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
+def make_objective(cfg: TrainConfig) -> Objective:
+    """The run's objective, picked by name from the registry, with its own settings (cfg.flow or cfg.bridge)."""
+    kind = OBJECTIVES[cfg.objective]
+    return kind(getattr(cfg, kind.settings_field), cfg.spec)
+
+
+def validation_sampler(cfg: TrainConfig) -> SamplerConfig:
+    """Previews sample as the objective trains: flow with CFG, or the bridge from the first reference."""
+    return make_objective(cfg).validation_sampler(cfg.validation_inference_steps, cfg.validation_guidance, cfg.seed)
+
+
 def peak_rss_gb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -234,6 +126,7 @@ class ValidationPreviews:
         self.cfg, self.reader, self.dit, self.denoiser, self.vae = cfg, reader, dit, denoiser, vae
         self.dtype, self.device, self.every = dtype, device, every
         self.samples = [reader.load(i) for i in range(min(cfg.validation_samples, len(reader)))]
+        self.sampler = validation_sampler(cfg)
         self.folder = output_dir / "validation"
         self._fixed: dict[int, tuple] = {}
 
@@ -250,7 +143,7 @@ class ValidationPreviews:
                                  "phase 1 with --validation_json <pairs.json>, or pass --validation_steps 0")
         reader = CacheReader(folder, expected_resize=cfg.resize, expected_encoders=cfg.model.encoder_fingerprint(),
                              expected_model_version=cfg.model_version)
-        if cfg.validation_sampler.uses_cfg and "negative_prompt_emb" not in reader.load(0):
+        if validation_sampler(cfg).uses_cfg and "negative_prompt_emb" not in reader.load(0):
             raise EditTunerError(f"{folder}: no negative prompt embeddings; re-run phase 1 with --validation_json")
         vae = cfg.model.load_vae(dtype=dtype, device=accelerator.device) if accelerator.is_main_process else None
         return cls(cfg, reader, dit, denoiser, vae, dtype, accelerator.device, output_dir, every)
@@ -273,7 +166,7 @@ class ValidationPreviews:
         with torch.random.fork_rng(devices=[]):
             for index, (sample, record) in enumerate(zip(self.samples, self.reader.records)):
                 # The version's switches as this run trains (--zero_cond_t may differ from the version's preset).
-                latents = sample_edit_latents(self.dit, sample, self.cfg.validation_sampler, self.cfg.spec,
+                latents = sample_edit_latents(self.dit, sample, self.sampler, self.cfg.spec,
                                               self.device, self.dtype, sample.get("negative_prompt_emb"),
                                               denoiser=self.denoiser)
                 if self.vae is not None:
@@ -402,9 +295,9 @@ def check_train(cfg: TrainConfig) -> None:
     mixed = resolve_mixed(cfg)
     deepspeed_config = deepspeed_settings(cfg, mixed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.performance.check(device, torch.bfloat16 if mixed == "bf16" else torch.float32,
-                          zero_stage=deepspeed_config["zero_optimization"]["stage"] if deepspeed_config else None,
-                          batch_size=cfg.batch_size, gradient_checkpointing=cfg.gradient_checkpointing)
+    check_levers(cfg.performance, device, torch.bfloat16 if mixed == "bf16" else torch.float32,
+                 zero_stage=deepspeed_config["zero_optimization"]["stage"] if deepspeed_config else None,
+                 batch_size=cfg.batch_size, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def deepspeed_settings(cfg: TrainConfig, mixed: str) -> dict | None:
@@ -453,7 +346,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, zero
     ``load_dit(device, dtype)`` replaces loading from ``cfg.model`` (benchmarks/real_scale.py: random weights at
     real size); ``on_base(dit)`` sees the quantized base before the LoRA (its memory, for the benchmark)."""
     levers = cfg.performance
-    levers.check(device, dtype, zero_stage=zero_stage, batch_size=cfg.batch_size,
+    check_levers(levers, device, dtype, zero_stage=zero_stage, batch_size=cfg.batch_size,
                  gradient_checkpointing=cfg.gradient_checkpointing)
     where = load_device(levers, device)
     dit = load_dit(where, dtype) if load_dit else cfg.model.load_dit(dtype=dtype, device=where)

@@ -106,7 +106,7 @@ def test_killed_run_resumes_to_the_same_cache(demo_dir, tmp_path, resize):
     rows = json.loads((demo_dir / "dataset.json").read_text())
     big = [dict(row, id=f"r{i:02d}", image=str(demo_dir / row["image"]),
                 edit_image=[str(demo_dir / e) for e in row["edit_image"]],
-                back_mask=str(demo_dir / row["back_mask"])) for i, row in enumerate(rows * 5)]
+                back_mask=str(demo_dir / row["back_mask"])) for i, row in enumerate(rows * 2)]
     dataset = tmp_path / "big.json"
     dataset.write_text(json.dumps(big))
     reference = tmp_path / "reference"

@@ -12,7 +12,7 @@ from edittuner.errors import EditTunerError
 from edittuner.families.qwen_image_edit.models import EditDiT
 from edittuner.families.qwen_image_edit.denoiser import collate_conditioning
 from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser
-from edittuner.performance import (BlockOffload, PerformanceConfig, attention_backend, compile_blocks,
+from edittuner.performance import (BlockOffload, PerformanceConfig, attention_backend, check_levers, compile_blocks,
                                    quantize_base, quantized_bytes)
 from edittuner.families.qwen_image_edit.tiny import TINY_TEXT_DIM, build_tiny_dit
 from edittuner.tracking import read_metrics
@@ -175,7 +175,7 @@ def test_compiled_blocks_give_the_eager_loss_and_share_one_graph():
 ])
 def test_levers_refuse_where_they_cannot_run(levers, where, message):
     with pytest.raises(EditTunerError, match=message.replace("(", r"\(")):
-        PerformanceConfig(**levers).check(CPU, torch.float32, **where)
+        check_levers(PerformanceConfig(**levers), CPU, torch.float32, **where)
 
 
 def test_offload_refusals_on_a_gpu_are_checked_before_any_model_loads(monkeypatch):
@@ -187,14 +187,14 @@ def test_offload_refusals_on_a_gpu_are_checked_before_any_model_loads(monkeypatc
                                    ({"offload_blocks": True}, {"zero_stage": 3}, "zero3_offload"),
                                    ({"attention": "flash"}, {}, "takes bf16/fp16")]:
         with pytest.raises(EditTunerError, match=message):
-            PerformanceConfig(**levers).check(cuda, torch.float32, **where)
-    PerformanceConfig(attention="flash", offload_blocks=True).check(cuda, torch.bfloat16)
+            check_levers(PerformanceConfig(**levers), cuda, torch.float32, **where)
+    check_levers(PerformanceConfig(attention="flash", offload_blocks=True), cuda, torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(EditTunerError, match="A100-SXM4-80GB has no fp8 support"):
-        PerformanceConfig(base_quantization="fp8").check(cuda, torch.bfloat16)
+        check_levers(PerformanceConfig(base_quantization="fp8"), cuda, torch.bfloat16)
     with pytest.raises(EditTunerError, match="needs a Hopper GPU"):
-        PerformanceConfig(attention="cudnn").check(cuda, torch.bfloat16)
+        check_levers(PerformanceConfig(attention="cudnn"), cuda, torch.bfloat16)
 
 
 def test_bad_lever_names_and_cpu_refusals_from_the_cli(demo_cache, tmp_path):

@@ -16,8 +16,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (QwenImageEdit(
 PRESETS: dict[str, Preset] = {name: preset for family in FAMILIES.values() for name, preset in family.presets.items()}
 assert len(PRESETS) == sum(len(f.presets) for f in FAMILIES.values()), "version names must be unique across families"
 
-DEFAULT_MODEL_VERSION = "2511"   # when neither a flag nor a LoRA's metadata names one
-DEFAULT_FAMILY = PRESETS[DEFAULT_MODEL_VERSION].family
+DEFAULT_FAMILY = next(iter(FAMILIES))   # the first registered
+DEFAULT_MODEL_VERSION = FAMILIES[DEFAULT_FAMILY].default_version   # when neither a flag nor a LoRA's metadata names one
 VERSIONS = tuple(sorted(PRESETS))
 
 

@@ -1,0 +1,410 @@
+"""The settings of `precompute`, `train` and `sample`, and of their parts (objectives, samplers, speed levers).
+
+Each field states its default once, with its command-line option in ``metadata`` (options.py turns the fields
+into options). These dataclasses live here, away from the modules that use them, because those import torch and
+the engine: the parser must build without them. A check that needs a heavy module imports it when it runs.
+The model source, resize and dataset settings stay in models.py, images.py and dataset.py, which are light too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import defaults
+from .defaults import DEFAULT_NEGATIVE_PROMPT
+from .errors import EditTunerError, check_seed
+from .families import (DEFAULT_MODEL_VERSION, FAMILIES, PRESETS, VERSIONS, Family, ModelSpec, Preset, check_version,
+                       model_spec)
+from .images import ResizeConfig
+from .models import ModelSource
+from .options import float_list, name_list, seed_int
+from .tracking import REPORT_TO
+
+ATTENTION = ("auto", "sdpa", "flash", "efficient", "cudnn", "math")
+BASE_QUANTIZATION = ("none", "int8", "fp8")
+OBJECTIVE_NAMES = ("flow", "lbm")   # objectives.OBJECTIVES registers one objective under each
+OPTIMIZERS = ("adamw", "prodigy_sf")
+BRIDGE_TIMESTEPS = ("uniform", "logit_normal", "discrete")
+BRIDGE_T_MAX = 1.0 - 1e-3  # keep (1 - t) away from 0, where the target's noise term sqrt(t/(1-t)) blows up
+SAMPLERS = ("flow", "bridge")
+DEFAULT_STEPS = {"flow": 30, "bridge": 1}
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_VALIDATION_STEPS = 250  # when phase 1 made a validation cache and --validation_steps is not given
+
+# Option groups of the nested configs.
+MODEL_GROUP = "model"
+RESIZE_GROUP = "resize (part of the cache's identity: use the same values in both phases)"
+
+# Options two configs share, stated once.
+DATA_ROOT_OPTION = {"help": ("folder every dataset path must lie inside (symlinks followed); then relative paths may "
+                             "use '..' within it (default: $EDITTUNER_DATA_ROOT; without one, paths may not leave the "
+                             "JSON's folder)")}
+MASKED_WEIGHT_OPTION = {"flag": "--masked_loss_weight", "help": "loss weight inside the mask (default 1)"}
+UNMASKED_WEIGHT_OPTION = {"flag": "--unmasked_loss_weight", "help": "loss weight outside the mask (default 1)"}
+
+
+@dataclass
+class PerformanceConfig:
+    """The speed and memory levers of the DiT (performance.py applies them)."""
+
+    attention: str = field(default="auto", metadata={"choices": ATTENTION, "help": (
+        "attention kernel: auto (default: the engine's, FlashAttention-3 if installed, else PyTorch SDPA's own pick), "
+        "sdpa, or one SDPA kernel: flash, efficient, cudnn, math")})
+    compile: bool = field(default=False, metadata={"help": (
+        "torch.compile the transformer blocks (default off; the first steps pay the compile time)")})
+    base_quantization: str = field(default="none", metadata={"choices": BASE_QUANTIZATION, "help": (
+        "frozen base weights of the blocks in int8 or fp8 (GPU, sm89+) via torchao; the LoRA trains in the compute "
+        "dtype on top (default none)")})
+    offload_blocks: bool = field(default=False, metadata={"help": (
+        "keep the frozen block weights in host memory and copy each block to the GPU as it runs (small cards; needs "
+        "gradient checkpointing; default off)")})
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise EditTunerError(f"--attention {self.attention}: choose one of {', '.join(ATTENTION)}")
+        if self.base_quantization not in BASE_QUANTIZATION:
+            raise EditTunerError(f"--base_quantization {self.base_quantization}: choose one of "
+                                 f"{', '.join(BASE_QUANTIZATION)}")
+
+    def describe(self) -> str:
+        parts = [f"attention {self.attention}"]
+        if self.compile:
+            parts.append("compiled blocks")
+        if self.base_quantization != "none":
+            parts.append(f"{self.base_quantization} base")
+        if self.offload_blocks:
+            parts.append("block offload")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class FlowMatchConfig:
+    min_timestep_boundary: float = 0.0
+    max_timestep_boundary: float = 1.0
+    # Mask weighting: per-latent-pixel weight masked_weight inside the edit mask, unmasked_weight outside,
+    # normalised by the mean weight so the loss scale does not depend on the mask's area. 1/1 = plain MSE.
+    masked_weight: float = field(default=1.0, metadata=MASKED_WEIGHT_OPTION)
+    unmasked_weight: float = field(default=1.0, metadata=UNMASKED_WEIGHT_OPTION)
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_timestep_boundary < self.max_timestep_boundary <= 1.0:
+            raise EditTunerError("--min_timestep_boundary / --max_timestep_boundary: need 0 <= min < max <= 1")
+        if self.masked_weight < 0 or self.unmasked_weight < 0 or self.masked_weight + self.unmasked_weight == 0:
+            raise EditTunerError("--masked_loss_weight / --unmasked_loss_weight: must be >= 0 and not both 0")
+
+    @property
+    def uses_mask(self) -> bool:
+        return self.masked_weight != self.unmasked_weight
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """Latent Bridge Matching (objectives.py has the bridge and its notation)."""
+
+    sigma: float = field(default=0.01, metadata={"flag": "--bridge_sigma", "help": "bridge noise sigma (default 0.01)"})
+    sub_stream_probability: float = field(default=0.1, metadata={"help": (
+        "probability that a sample starts from the white image instead of the reference (default 0.1)")})
+    timestep_sampling: str = field(default="discrete", metadata={
+        "flag": "--bridge_timesteps", "choices": BRIDGE_TIMESTEPS,
+        "help": "bridge-time sampling (default discrete: the paper's 4 equally spaced times)"})
+    discrete_timesteps: tuple[float, ...] = field(default=(0.0, 0.25, 0.5, 0.75), metadata={
+        "type": float_list, "help": "bridge times t (0 = source) for discrete sampling"})
+    discrete_probabilities: tuple[float, ...] = field(default=(0.25, 0.25, 0.25, 0.25), metadata={
+        "type": float_list, "help": "their probabilities"})
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    main_stream_references: bool = field(default=True, metadata={"help": (
+        "give the DiT the reference tokens in the main stream (default on; off halves the sequence)")})
+    normalize_velocity: bool = field(default=False, metadata={
+        "help": "variance-normalised velocity loss (default off)"})
+    masked_weight: float = field(default=1.0, metadata=MASKED_WEIGHT_OPTION)
+    unmasked_weight: float = field(default=1.0, metadata=UNMASKED_WEIGHT_OPTION)
+
+    def __post_init__(self):
+        if not 0 <= self.sigma <= 1:
+            raise EditTunerError(f"--bridge_sigma {self.sigma}: must be in [0, 1]")
+        if not 0 <= self.sub_stream_probability <= 1:
+            raise EditTunerError(f"--sub_stream_probability {self.sub_stream_probability}: must be in [0, 1]")
+        if self.timestep_sampling not in BRIDGE_TIMESTEPS:
+            raise EditTunerError(f"--bridge_timesteps {self.timestep_sampling}: choose uniform, logit_normal or discrete")
+        if (len(self.discrete_timesteps) != len(self.discrete_probabilities) or not self.discrete_timesteps
+                or any(not 0 <= t <= BRIDGE_T_MAX for t in self.discrete_timesteps)
+                or any(p < 0 for p in self.discrete_probabilities) or sum(self.discrete_probabilities) <= 0):
+            raise EditTunerError("--discrete_timesteps / --discrete_probabilities: same length, times in [0, 0.999], "
+                                 "non-negative probabilities")
+        if self.logit_normal_std <= 0:
+            raise EditTunerError(f"--logit_normal_std {self.logit_normal_std}: must be positive")
+        FlowMatchConfig(masked_weight=self.masked_weight, unmasked_weight=self.unmasked_weight)
+
+    @property
+    def weighting(self) -> FlowMatchConfig:
+        return FlowMatchConfig(masked_weight=self.masked_weight, unmasked_weight=self.unmasked_weight)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to sample, independent of what: shared by `sample`, the app and validation previews."""
+
+    sampler: str = field(default="flow", metadata={"choices": SAMPLERS, "help": (
+        "flow: the engine's flow matching from noise with CFG; bridge: Latent Bridge Matching")})
+    steps: int | None = field(default=None, metadata={
+        "help": f"sampling steps (default: flow {DEFAULT_STEPS['flow']}, bridge {DEFAULT_STEPS['bridge']})"})
+    guidance: float = field(default=DEFAULT_GUIDANCE, metadata={
+        "help": f"flow: true CFG scale; 1 disables it (default {DEFAULT_GUIDANCE:g})"})
+    negative_prompt: str = field(default=DEFAULT_NEGATIVE_PROMPT, metadata={
+        "help": f"flow: the CFG negative prompt (default {DEFAULT_NEGATIVE_PROMPT!r})"})
+    seed: int = field(default=0, metadata={"type": seed_int})
+    stream: str = field(default="main", metadata={"choices": ("main", "sub"), "help": (
+        "bridge: start from the first reference (main) or from a white image (sub)")})
+    bridge_sigma: float = field(default=0.0, metadata={"help": "bridge: stochastic term of the steps (default 0)"})
+    main_stream_references: bool = True
+    keep_unmasked_pixels: bool = field(default=True, metadata={
+        "help": "with --mask: paste the source's pixels back outside the mask (default on)"})
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise EditTunerError(f"--sampler {self.sampler}: choose flow or bridge")
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
+        if not 1 <= self.steps <= 1000:
+            raise EditTunerError(f"--steps {self.steps}: must be between 1 and 1000")
+        if not 0 <= self.guidance <= 50:
+            raise EditTunerError(f"--guidance {self.guidance}: must be between 0 and 50 (1 disables CFG)")
+        if self.stream not in ("main", "sub"):
+            raise EditTunerError(f"--stream {self.stream}: choose main or sub")
+        if not 0 <= self.bridge_sigma <= 1:
+            raise EditTunerError(f"--bridge_sigma {self.bridge_sigma}: must be in [0, 1]")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.sampler == "flow" and self.guidance != 1.0
+
+
+OUTPUT_FORMATS = {"": "PNG", ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                  ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def output_format(output: Path) -> str:
+    """The Pillow format an output file name asks for, or a clear error (checked before anything is loaded)."""
+    fmt = OUTPUT_FORMATS.get(Path(output).suffix.lower())
+    if fmt is None:
+        raise EditTunerError(f"--output {output}: {Path(output).suffix} is not an image type sample writes; end the "
+                             "name in .png, .jpg or .webp")
+    return fmt
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """One edit (``references`` + ``prompt`` -> ``output``) or a batch (``dataset_json`` -> ``output_dir``)."""
+
+    output: Path | None = field(default=None, metadata={"help": "image file to write (.png, .jpg, .webp)"})
+    references: tuple[Path, ...] = field(default=(), metadata={
+        "flag": "--image", "action": "append", "cli_default": None,
+        "help": "reference image; repeat for up to 3 (the first is edited)"})
+    prompt: str = field(default="", metadata={"help": "the edit instruction"})
+    mask: Path | None = field(default=None, metadata={
+        "help": "optional mask over the first image: white = regenerate, the rest is kept"})
+    dataset_json: Path | None = field(default=None, metadata={
+        "help": "batch mode: one edit per row, written to --output_dir/<id>.png"})
+    output_dir: Path | None = field(default=None, metadata={"help": "batch mode output folder"})
+    use_dataset_masks: bool = field(default=False, metadata={
+        "action": "store_true", "help": "batch mode: use each row's back_mask as --mask"})
+    data_root: Path | None = field(default=None, metadata=DATA_ROOT_OPTION)
+    model: ModelSource = field(default_factory=ModelSource, metadata={"group": MODEL_GROUP})
+    model_version: str | None = field(default=None, metadata={"choices": VERSIONS, "help": (
+        "prompt template, references taken and zero_cond_t (default: the version the --lora was trained for, from "
+        f"its metadata, else {DEFAULT_MODEL_VERSION}); a warning where it overrides the LoRA's")})
+    zero_cond_t: bool | None = field(default=None, metadata={"help": (
+        "on/off (default: as the --lora was trained, from its metadata, else the version's preset); a warning where "
+        "it overrides the LoRA's")})
+    lora: Path | None = field(default=None, metadata={"help": "LoRA file (e.g. train/<run>/lora.safetensors)"})
+    lora_strength: float = 1.0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    resize: ResizeConfig = field(default_factory=ResizeConfig, metadata={"group": RESIZE_GROUP})
+    base_quantization: str = field(default="none", metadata={"choices": BASE_QUANTIZATION, "help": (
+        "the DiT's blocks in int8 or fp8 (GPU, sm89+), about half the memory of bf16 (default none)")})
+
+    def __post_init__(self):
+        if self.dataset_json is None:
+            most = max(preset.max_references for preset in PRESETS.values())
+            if not 1 <= len(self.references) <= most:
+                raise EditTunerError(f"--image: give 1 to {most} reference images (the first is the one being "
+                                     "edited), or --dataset_json for a batch")
+            if not self.prompt.strip():
+                raise EditTunerError("--prompt: empty; write the edit instruction")
+            if self.output is None:
+                raise EditTunerError("--output: name the image file to write")
+            output_format(self.output)
+        elif self.output_dir is None:
+            raise EditTunerError("--dataset_json needs --output_dir (one image per row is written there)")
+        if self.model_version is not None:
+            check_version(self.model_version)
+        if not math.isfinite(self.lora_strength):
+            raise EditTunerError(f"--lora_strength {self.lora_strength}: must be a finite number (1 = as trained)")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    dataset_json: Path
+    cache_dir: Path
+    model: ModelSource = field(metadata={"group": MODEL_GROUP})
+    resize: ResizeConfig = field(metadata={"group": RESIZE_GROUP})
+    model_version: str = field(default=DEFAULT_MODEL_VERSION, metadata={"choices": VERSIONS, "help": (
+        "sets the prompt template and the references a row may have; recorded in the manifest")})
+    dtype: str = field(default="auto", metadata={"flag": "--cache_dtype", "choices": ("auto", "float32", "bfloat16"),
+                                                 "help": "auto: bfloat16 on GPU, float32 on CPU"})
+    overwrite: bool = field(default=False, metadata={"action": "store_true",
+                                                     "help": "re-encode a cache made with other settings"})
+    validation_json: Path | None = field(default=None, metadata={"help": (
+        "validation pairs (e.g. the generator's <dataset>_val.json), encoded into <cache_dir>/validation for phase "
+        "2's previews")})
+    negative_prompt: str | None = field(default=None, metadata={"cli": False})  # the validation cache's: CFG previews
+    data_root: Path | None = field(default=None, metadata=DATA_ROOT_OPTION)
+
+    def __post_init__(self):
+        check_version(self.model_version)
+        if self.model.family != self.preset.family:
+            raise EditTunerError(f"--model_version {self.model_version} is a {self.preset.family} model, but the model "
+                                 f"source is for {self.model.family}")
+
+    @property
+    def preset(self) -> Preset:
+        return PRESETS[self.model_version]
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.preset.family]
+
+    @property
+    def prompt_template(self) -> str:
+        return self.preset.prompt_template
+
+
+@dataclass
+class TrainConfig:
+    cache_dir: Path
+    output_dir: Path = field(metadata={
+        "help": "run directory (config.json, metrics.jsonl, checkpoints/, lora.safetensors)"})
+    model: ModelSource = field(default_factory=ModelSource, metadata={"group": MODEL_GROUP})
+    model_version: str = field(default=DEFAULT_MODEL_VERSION, metadata={
+        "choices": VERSIONS, "help": "preset: LoRA targets, zero_cond_t, accumulation"})
+    resize: ResizeConfig = field(default_factory=ResizeConfig, metadata={"group": RESIZE_GROUP})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (default 1000)"})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "constant after warm-up (default: adamw 1e-4, prodigy_sf 1.0)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (default 0; adamw only)"})
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = field(default=None, metadata={
+        "help": "gradient clipping; 0 disables (default: adamw 1.0; refused with prodigy_sf)"})
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS, "help": (
+        "adamw (default) or ProdigyPlusScheduleFree (lr 1.0, constant, no clipping)")})
+    rank: int = field(default=32, metadata={"help": "LoRA rank (default 32)"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: rank)"})
+    gradient_accumulation: int | None = field(default=None, metadata={
+        "help": "default from the preset (2509: 1, 2511: 16)"})
+    batch_size: int = field(default=1, metadata={"help": (
+        "samples per micro-step (default 1); samples of equal latent shapes share one DiT forward, the loss is the "
+        "mean over the micro-step's samples (flow objective; not under DeepSpeed)")})
+    zero_cond_t: bool | None = field(default=None, metadata={
+        "help": "on/off; default from the preset (2511 on, 2509 off)"})
+    lora_targets: tuple[str, ...] | None = field(default=None, metadata={
+        "type": name_list, "help": "comma-separated module suffixes (default from the preset)"})
+    seed: int = field(default=0, metadata={"type": seed_int})
+    save_every: int = field(default=defaults.SAVE_EVERY, metadata={
+        "help": f"checkpoint every N steps (default {defaults.SAVE_EVERY})"})
+    keep_last: int | None = field(default=None, metadata={"help": "keep only the newest K checkpoints"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "on/off (default on)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), no, bf16"})
+    objective: str = field(default="flow", metadata={
+        "choices": OBJECTIVE_NAMES, "help": "flow matching (default) or Latent Bridge Matching"})
+    flow: FlowMatchConfig = field(default_factory=FlowMatchConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig, metadata={
+        "group": "Latent Bridge Matching (--objective lbm)"})
+    resume: str | None = field(default=None, metadata={"help": (
+        "'latest' or a checkpoint directory; the new lr, warm-up, weight decay, clipping and step count apply from "
+        "the next step, a change to anything else is refused")})
+    overwrite: bool = field(default=False, metadata={"action": "store_true", "help": (
+        "a fresh run may replace an earlier run in --output_dir (its checkpoints, LoRA, metrics); without it such a "
+        "folder is refused")})
+    eval_samples: int = field(default=8, metadata={"help": "cache samples in the fixed-noise eval loss (default 8)"})
+    eval_every: int = field(default=0, metadata={
+        "help": "log the eval loss every N steps (0: start and end only)"})
+    deepspeed_config: Path | None = field(default=None, metadata={"help": (
+        "DeepSpeed JSON (e.g. accelerate_configs/zero3.json): train under ZeRO, driven directly (launch with "
+        "torchrun or accelerate launch --config_file accelerate_configs/zero3.yaml)")})
+    report_to: str = field(default="auto", metadata={"choices": REPORT_TO, "help": (
+        "auto (default): wandb when WANDB_API_KEY or WANDB_MODE is set, else none; project from WANDB_PROJECT "
+        "(default qwen-image), run name from WANDB_NAME")})
+    validation_steps: int | None = field(default=None, metadata={"help": (
+        f"write a preview grid every N steps (default {DEFAULT_VALIDATION_STEPS} when phase 1 encoded "
+        "--validation_json; 0: off)")})
+    validation_samples: int = field(default=4, metadata={"help": "validation pairs per preview (default 4)"})
+    validation_inference_steps: int | None = field(default=None, metadata={
+        "help": "sampling steps of the previews (default: flow 20 with CFG, lbm 1 bridge step)"})
+    validation_guidance: float = field(default=4.0, metadata={"help": "CFG scale of flow previews (default 4)"})
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig, metadata={
+        "group": "speed and memory (BENCHMARKS.md: when to use each)"})
+
+    def __post_init__(self):
+        preset = check_version(self.model_version)
+        if self.model.family != preset.family:
+            raise EditTunerError(f"--model_version {self.model_version} is a {preset.family} model, but the model "
+                                 f"source is for {self.model.family}")
+        self.lora_targets = tuple(self.lora_targets or preset.lora_targets)
+        self.zero_cond_t = model_spec(self.model_version, self.zero_cond_t).zero_cond_t
+        self.gradient_accumulation = self.gradient_accumulation or preset.gradient_accumulation
+        self.alpha = float(self.alpha if self.alpha is not None else self.rank)
+        if self.optimizer not in OPTIMIZERS:
+            raise EditTunerError(f"--optimizer {self.optimizer}: choose adamw or prodigy_sf")
+        if self.objective not in OBJECTIVE_NAMES:
+            raise EditTunerError(f"--objective {self.objective}: choose {' or '.join(OBJECTIVE_NAMES)}")
+        schedule_free = self.optimizer == "prodigy_sf"
+        if schedule_free and self.max_grad_norm:
+            raise EditTunerError(f"--max_grad_norm {self.max_grad_norm}: gradient clipping is refused with "
+                                 "--optimizer prodigy_sf (it breaks Prodigy's step-size estimate); drop the flag")
+        if schedule_free and self.warmup_steps:
+            raise EditTunerError("--warmup_steps: prodigy_sf runs at a constant lr (schedule-free); drop the flag")
+        if self.learning_rate is None:
+            self.learning_rate = 1.0 if schedule_free else 1e-4
+        if self.max_grad_norm is None:
+            self.max_grad_norm = 0.0 if schedule_free else 1.0
+        checks = [(self.max_steps >= 1, f"--max_steps {self.max_steps}: must be at least 1"),
+                  (self.learning_rate > 0 and math.isfinite(self.learning_rate),
+                   f"--learning_rate {self.learning_rate}: must be a positive number"),
+                  (self.warmup_steps >= 0, f"--warmup_steps {self.warmup_steps}: must be >= 0"),
+                  (1 <= self.rank <= 1024, f"--rank {self.rank}: must be between 1 and 1024"),
+                  (self.alpha > 0, f"--alpha {self.alpha}: must be positive"),
+                  (self.gradient_accumulation >= 1, f"--gradient_accumulation {self.gradient_accumulation}: must be >= 1"),
+                  (self.batch_size >= 1, f"--batch_size {self.batch_size}: must be >= 1"),
+                  (self.save_every >= 1, f"--save_every {self.save_every}: must be >= 1"),
+                  (self.max_grad_norm >= 0, f"--max_grad_norm {self.max_grad_norm}: must be >= 0 (0 disables clipping)"),
+                  (self.mixed_precision in ("auto", "no", "bf16"),
+                   f"--mixed_precision {self.mixed_precision}: choose auto, no or bf16"),
+                  (self.eval_samples >= 0, f"--eval_samples {self.eval_samples}: must be >= 0"),
+                  (self.eval_every >= 0, f"--eval_every {self.eval_every}: must be >= 0 (0: only at start and end)"),
+                  (self.keep_last is None or self.keep_last >= 1, f"--keep_last {self.keep_last}: must be >= 1"),
+                  (self.report_to in REPORT_TO, f"--report_to {self.report_to}: choose wandb, none or auto"),
+                  (self.validation_steps is None or self.validation_steps >= 0,
+                   f"--validation_steps {self.validation_steps}: must be >= 0 (0 disables previews)"),
+                  (self.validation_samples >= 1, f"--validation_samples {self.validation_samples}: must be >= 1")]
+        for ok, message in checks:
+            if not ok:
+                raise EditTunerError(message)
+        check_seed(self.seed)
+        try:  # checked now, not when the first preview is due (the objective picks the sampler then)
+            SamplerConfig(steps=self.validation_inference_steps, guidance=self.validation_guidance)
+        except EditTunerError as exc:
+            raise EditTunerError(f"--validation_inference_steps / --validation_guidance: {exc}") from None
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The version trained, with this run's switches (what objectives and previews ask the family with)."""
+        return model_spec(self.model_version, self.zero_cond_t)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        return json.loads(json.dumps(data, default=str))
+
