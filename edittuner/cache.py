@@ -383,6 +383,8 @@ class CacheReader:
         if self.manifest.get("format") != CACHE_FORMAT:
             raise EditTunerError(f"{manifest_path}: cache format {self.manifest.get('format')} is not "
                                  f"{CACHE_FORMAT}; re-run `edittuner precompute` into a new --cache_dir")
+        # The model version first: another family's cache also has other encoders, and this says what to run.
+        self._check_version(identity, expected_model_version)
         if expected_resize is not None and identity.get("resize") != expected_resize.as_dict():
             raise EditTunerError(f"cache {self.cache_dir} was made with resize settings {identity.get('resize')}, "
                                  f"but this run asks for {expected_resize.as_dict()}; pass the same resize flags "
@@ -391,7 +393,6 @@ class CacheReader:
             raise EditTunerError(f"cache {self.cache_dir} was made with other encoders ({identity.get('encoders')}) "
                                  f"than this run's model ({expected_encoders}); re-run phase 1 with this model "
                                  "into a new --cache_dir")
-        self._check_version(identity, expected_model_version)
         self.records = self.manifest["samples"]
         self._verified: set[int] = set()   # files whose bytes matched file_sha256 (checked once per process)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from ..errors import EditTunerError
 from .base import Family, ModelSpec, Preset
+from .longcat_image_edit import LongCatImageEdit
 from .qwen_image_edit import QwenImageEdit
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (QwenImageEdit(),)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (QwenImageEdit(), LongCatImageEdit())}
 
 PRESETS: dict[str, Preset] = {name: preset for family in FAMILIES.values() for name, preset in family.presets.items()}
 assert len(PRESETS) == sum(len(f.presets) for f in FAMILIES.values()), "version names must be unique across families"

@@ -1,6 +1,6 @@
 """The model-family interface: what the trainer, phase 1, sampling, the app and the CLI may ask of an edit model.
 
-A family (Qwen-Image-Edit, later LongCat-Image-Edit, ...) is one module under ``edittuner/families/`` that
+A family (Qwen-Image-Edit, LongCat-Image-Edit, ...) is one module under ``edittuner/families/`` that
 subclasses ``Family`` and registers an instance in ``families/__init__.py``. Its versions are ``Preset``s (the
 ``--model_version`` values, unique across families). Everything model-specific lives behind these methods:
 nothing outside a family module branches on a model version.

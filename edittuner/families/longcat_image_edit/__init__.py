@@ -1,0 +1,115 @@
+"""LongCat-Image-Edit (meituan-longcat), the second family: ``--model_version longcat``, on diffusers' classes
+(LongCatImageTransformer2DModel, AutoencoderKL, FlowMatchEulerDiscreteScheduler; transformers' Qwen2.5-VL).
+
+This module is light (no diffusers import): the ``Family`` methods over the version's ``presets``; they import
+their parts when called: ``models`` (the official layout, its checks and loading), ``tiny`` (the built-in tiny
+model), ``encoding`` (the pipeline's prompt and VAE code) and ``denoiser`` (the transformer as a denoiser, the
+training schedule, the pipeline's sampling loop).
+"""
+
+from __future__ import annotations
+
+from ..base import Family, ModelSpec
+from .presets import NAME, PRESETS, VERSION, selects_module
+
+
+class LongCatImageEdit(Family):
+    """LongCat-Image-Edit: tiny when --model_dir is tiny and no component folder overrides it."""
+
+    name = NAME
+    base_model_prefix = "LongCat-Image-Edit"
+    presets = PRESETS
+    default_version = VERSION
+    # Our own layout (diffusion_model.<diffusers module name>) and diffusers' (transformer.<module name>), which
+    # the transformer's load_lora_adapter reads.
+    lora_layouts = ("diffsynth", "diffusers")
+    components = ("transformer", "text_encoder", "tokenizer", "text_processor", "vae", "scheduler")
+
+    # ---- the model directory ---------------------------------------------------------------------------------
+    def check_model(self, source, components):
+        from .models import check_model
+        check_model(source, components)
+
+    def load_dit(self, source, dtype, device):
+        if source.is_tiny and not source.transformer_dir:
+            from .models import place
+            from .tiny import build_tiny_dit
+            return place(build_tiny_dit(source.tiny_seed), device, dtype)
+        from .models import load_dit
+        return load_dit(source, dtype, device)
+
+    def load_encoders(self, source, dtype, device):
+        if source.uses_tiny_encoders:
+            from .tiny import build_tiny_encoders
+            from .models import place
+            encoders = build_tiny_encoders(source.tiny_seed)
+            place(encoders.text_encoder, device, dtype)
+            place(encoders.vae, device, dtype)
+            return encoders
+        from .models import load_encoders
+        return load_encoders(source, dtype, device, self.encoder_fingerprint(source))
+
+    def load_vae(self, source, dtype, device):
+        if source.uses_tiny_encoders:
+            from .models import place
+            from .tiny import build_tiny_vae
+            return place(build_tiny_vae(source.tiny_seed), device, dtype)
+        from .models import load_vae
+        return load_vae(source, dtype, device)
+
+    def encoder_fingerprint(self, source):
+        if source.uses_tiny_encoders:
+            from .tiny import tiny_fingerprint
+            return tiny_fingerprint(source.tiny_seed)
+        from .models import encoder_fingerprint
+        return encoder_fingerprint(source)
+
+    # ---- phase 1 ---------------------------------------------------------------------------------------------
+    def sample_encoder(self, preset, vl_pixels):
+        # vl_pixels is Qwen's: LongCat's pipeline gives the vision encoder the reference at half its size.
+        from .encoding import LongCatSampleEncoder
+        return LongCatSampleEncoder()
+
+    def prompt_identity(self, prompt_template=None):
+        from .encoding import template_identity
+        return template_identity()
+
+    def template_of(self, identity):
+        from .encoding import template_of
+        return template_of(identity)
+
+    # ---- phase 2 and sampling --------------------------------------------------------------------------------
+    def denoiser(self, dit):
+        from .denoiser import LongCatDenoiser
+        return LongCatDenoiser(dit)
+
+    def conditioning(self, spec: ModelSpec, samples, device, dtype, gradient_checkpointing=False, latent_hw=None):
+        from .denoiser import collate_conditioning
+        return collate_conditioning(samples, device, dtype, gradient_checkpointing, latent_hw)
+
+    def select_rows(self, conditioning, rows):
+        from .denoiser import select_rows
+        return select_rows(conditioning, rows)
+
+    def without_references(self, conditioning):
+        from .denoiser import without_references
+        return without_references(conditioning)
+
+    def training_scheduler(self):
+        from .denoiser import TrainingSchedule
+        return TrainingSchedule()
+
+    def sample_flow(self, denoiser, conditioning, negative_conditioning, latent_shape, steps, guidance, generator,
+                    keep=None, device=None, dtype=None):
+        from .denoiser import sample_flow
+        return sample_flow(denoiser, conditioning, negative_conditioning, latent_shape, steps, guidance, generator,
+                           keep, device, dtype)
+
+    def decode(self, vae, latents):
+        from .encoding import decode_latents
+        return decode_latents(vae, latents)
+
+    def lora_module_names(self, dit, targets):
+        import torch
+        return [name for name, module in dit.named_modules()
+                if isinstance(module, torch.nn.Linear) and selects_module(name, targets)]

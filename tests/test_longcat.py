@@ -1,0 +1,278 @@
+"""LongCat-Image-Edit (--model_version longcat) on its tiny model: the cache equals what diffusers'
+LongCatImageEditPipeline feeds its transformer, our sampler equals the pipeline's __call__, the generic trainer
+learns on a LongCat cache, the official layout loads and a Qwen cache is refused.
+
+The pipeline resizes every input to about 1024x1024 pixels (``calculate_dimensions(1024 * 1024, ratio)``); we keep
+phase 1's sizes. To compare at the tiny size, the tests point that one sizing function at the image's own size;
+everything after it is the pipeline's code, unchanged."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from edittuner.cache import CacheReader, PrecomputeConfig, precompute_cache
+from edittuner.dataset import load_dataset
+from edittuner.errors import EditTunerError
+from edittuner.images import ResizeConfig
+from edittuner.families import model_spec
+from edittuner.families.longcat_image_edit.encoding import LongCatSampleEncoder
+from edittuner.families.longcat_image_edit.tiny import build_tiny_dit, build_tiny_encoders, build_tiny_scheduler
+from edittuner.families.qwen_image_edit.encoding import prepare_images
+from edittuner.models import ModelSource
+from edittuner.sampling import SamplerConfig, sample_edit_latents
+
+LONGCAT = ModelSource(family="longcat-image-edit")
+PROMPT = 'Write "OK" on the left side.'
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """diffusers' LongCatImageEditPipeline from the tiny components (the same seeds our loaders use)."""
+    from diffusers import LongCatImageEditPipeline
+    enc = build_tiny_encoders(0)
+    pipe = LongCatImageEditPipeline(scheduler=build_tiny_scheduler(), vae=enc.vae, text_encoder=enc.text_encoder,
+                                    tokenizer=enc.tokenizer, text_processor=enc.text_processor,
+                                    transformer=build_tiny_dit(0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def at_own_size(monkeypatch):
+    """Make __call__ keep an image's size instead of resizing it to ~1024x1024 (see the module docstring)."""
+    from diffusers.pipelines.longcat_image import pipeline_longcat_image_edit as module
+
+    def use(image):
+        monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: image.size)
+    return use
+
+
+@pytest.fixture(scope="module")
+def cache_lc(demo_dir, resize, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache_longcat")
+    precompute_cache(PrecomputeConfig(dataset_json=demo_dir / "dataset_single_ref.json", cache_dir=cache,
+                                      model=LONGCAT, resize=resize, model_version="longcat",
+                                      validation_json=demo_dir / "dataset_single_ref_val.json"), progress=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    encoder = LongCatSampleEncoder()
+    encoder.attach(build_tiny_encoders(0), "cpu", torch.float32)
+    return encoder
+
+
+def _transformer_inputs(pipe, **call):
+    """The keyword inputs of every transformer call __call__ makes."""
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        pipe(**call, num_inference_steps=1, output_type="latent")
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_cache_is_what_the_pipeline_feeds_its_transformer(demo_dir, cache_lc, resize, pipe, at_own_size):
+    """Bitwise: the cached prompt (positive and the CFG negative) and reference latents are the transformer's inputs
+    in __call__; target and white latents are the pipeline's _encode_vae_image of the preprocessed image."""
+    from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import LongCatImageEditPipeline as P
+
+    manifest = json.loads((cache_lc / "manifest.json").read_text())
+    samples = load_dataset(demo_dir / "dataset_single_ref.json")
+    assert manifest["model_version"] == "longcat" and len(samples) == len(manifest["samples"]) >= 2
+    for sample, record in list(zip(samples, manifest["samples"]))[:2]:
+        cached = load_file(cache_lc / record["file"])
+        target, refs, _ = prepare_images(sample, resize)
+        at_own_size(refs[0])
+        positive, negative = _transformer_inputs(pipe, image=refs[0], prompt=sample.prompt, negative_prompt="x",
+                                                 guidance_scale=2.0)
+        assert torch.equal(cached["prompt_emb"], positive["encoder_hidden_states"][0])
+        c, h, w = cached["ref.0"].shape
+        tokens = (h // 2) * (w // 2)
+        assert torch.equal(P._pack_latents(cached["ref.0"][None], 1, c, h, w),
+                           positive["hidden_states"][:, tokens:])
+        assert cached["target"].shape == (16, target.height // 8, target.width // 8)
+        for key, image in (("target", target), ("white", Image.new("RGB", target.size, "white"))):
+            pixels = pipe.image_processor.preprocess(image, image.height, image.width)
+            assert torch.equal(cached[key], pipe._encode_vae_image(pixels, generator=None)[0]), key
+        with torch.no_grad():
+            negative_emb = LongCatSampleEncoder.encode_prompt(_attached(pipe), "x", refs)
+        assert torch.equal(negative_emb, negative["encoder_hidden_states"][0])
+
+
+def _attached(pipe):
+    encoder = LongCatSampleEncoder()
+    encoder.pipe = pipe
+    return encoder
+
+
+def test_latents_are_normalised_like_the_real_vae(cache_lc):
+    """The tiny VAE's calibrated shift/scale give the cached latents roughly zero mean and unit spread."""
+    reader = CacheReader(cache_lc, expected_model_version="longcat")
+    target = torch.cat([reader.load(i)["target"].flatten() for i in range(len(reader))])
+    assert abs(float(target.mean())) < 0.3 and 0.5 < float(target.std()) < 2.0
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0])
+def test_sampler_equals_the_pipeline(demo_dir, resize, pipe, encoder, at_own_size, guidance):
+    """Our generic sampling path (encoder -> conditioning -> family.sample_flow -> decode) is bitwise __call__:
+    same noise, sigmas and shift, true CFG when guidance > 1, same decoded image."""
+    sample = load_dataset(demo_dir / "dataset_single_ref.json")[0]
+    _, refs, _ = prepare_images(sample, resize)
+    at_own_size(refs[0])
+    spec = model_spec("longcat")
+    encoded = encoder.encode(PROMPT, None, refs, None)
+    negative = encoder.encode_prompt("", refs)
+    ours = sample_edit_latents(pipe.transformer, encoded, SamplerConfig(steps=3, guidance=guidance, seed=7), spec,
+                               "cpu", torch.float32, negative_prompt_emb=negative)
+    call = dict(image=refs[0], prompt=PROMPT, num_inference_steps=3, guidance_scale=guidance)
+    theirs = pipe(**call, generator=torch.Generator().manual_seed(7), output_type="latent").images
+    c, h, w = ours.shape[1:]
+    assert torch.equal(type(pipe)._pack_latents(ours, 1, c, h, w), theirs)
+    image = pipe(**call, generator=torch.Generator().manual_seed(7)).images[0]
+    assert np.array_equal(np.asarray(spec.family.decode(pipe.vae, ours)), np.asarray(image))
+
+
+def test_mask_keeps_the_known_latents_outside(encoder, pipe):
+    """keep=(mask, known): outside the mask the sampler ends on the known latents, inside it does not."""
+    spec = model_spec("longcat")
+    ref = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8))
+    encoded = encoder.encode(PROMPT, None, [ref], None)
+    known = encoded["ref.0"][None]
+    mask = torch.zeros(1, 1, *known.shape[-2:])
+    mask[..., :, : known.shape[-1] // 2] = 1
+    denoiser = spec.family.denoiser(pipe.transformer)
+    conditioning = spec.conditioning([encoded], "cpu", torch.float32, latent_hw=tuple(known.shape[-2:]))
+    out = spec.family.sample_flow(denoiser, conditioning, None, tuple(known.shape), 4, 1.0,
+                                  torch.Generator().manual_seed(0), keep=(mask, known), device="cpu",
+                                  dtype=torch.float32)
+    outside = mask.expand_as(known) == 0
+    assert torch.allclose(out[outside], known[outside], atol=1e-5)
+    assert not torch.allclose(out[~outside], known[~outside], atol=1e-2)
+
+
+def test_loss_is_the_flow_matching_target(cache_lc):
+    """The denoiser's output is regressed on noise - x0 at x_sigma = (1 - sigma) x0 + sigma noise, sigma the
+    timestep / 1000 of LongCat's shifted logit-normal schedule, each sample weighing 1."""
+    scheduler = model_spec("longcat").family.training_scheduler()
+    sigmas = scheduler.timesteps / 1000
+    assert len(sigmas) == 1000 and bool((sigmas[:-1] > sigmas[1:]).all()) and 0 < float(sigmas.min())
+    assert 0.70 < float(sigmas.median()) < 0.80   # shift exp(1.15) moves sigmoid(N(0, 1))'s median 0.5 to ~0.76
+    x0, noise = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
+    t = scheduler.timesteps[123]
+    assert torch.allclose(scheduler.add_noise(x0, noise, t), (1 - t / 1000) * x0 + t / 1000 * noise)
+    assert torch.equal(scheduler.training_target(x0, noise, t), noise - x0)
+    assert float(scheduler.training_weight(t)) == 1.0
+
+
+@pytest.fixture(scope="module")
+def trained(cache_lc, resize, tmp_path_factory):
+    from edittuner.trainer import TrainConfig, train
+    out = tmp_path_factory.mktemp("run_longcat")
+    cfg = TrainConfig(cache_dir=cache_lc, output_dir=out, model=LONGCAT, model_version="longcat", resize=resize,
+                      max_steps=30, learning_rate=5e-3, rank=8, save_every=30, validation_steps=30,
+                      validation_samples=1, validation_inference_steps=2)
+    return out, train(cfg, progress=False)
+
+
+def test_training_on_a_longcat_cache_lowers_the_eval_loss(trained):
+    """The generic trainer (flow objective, gradient checkpointing on) on a LongCat cache, with a CFG preview."""
+    from edittuner.lora import read_lora_file
+    out, result = trained
+    assert result["eval_loss_end"] < 0.9 * result["eval_loss_start"], result
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_version"] == "longcat"
+    assert config["lora_targets"] == list(model_spec("longcat").preset.lora_targets)
+    state, metadata = read_lora_file(out / "lora.safetensors")
+    assert metadata["base_model"] == "LongCat-Image-Edit" and metadata["family"] == "longcat-image-edit"
+    assert "diffusion_model.single_transformer_blocks.0.proj_mlp.lora_A.weight" in state
+    assert (out / "validation/step-000030.png").is_file()
+
+
+def test_sample_cli_edits_with_the_trained_lora(trained, demo_dir, tmp_path, capsys):
+    """`edittuner sample` picks the family from the LoRA's metadata and edits at the reference's size."""
+    from edittuner import cli
+    from conftest import TINY_PIXELS
+    sample = load_dataset(demo_dir / "dataset_single_ref.json")[0]
+    output = tmp_path / "edit.png"
+    code = cli.main(["sample", "--lora", str(trained[0] / "lora.safetensors"), "--image", str(sample.edit_images[0]),
+                     "--prompt", PROMPT, "--output", str(output), "--steps", "2", "--guidance", "2",
+                     "--max_pixels", str(TINY_PIXELS)])
+    assert code == 0, capsys.readouterr().err
+    fitted = LongCatSampleEncoder().fit_reference(Image.open(sample.edit_images[0]),
+                                                  ResizeConfig(max_pixels=TINY_PIXELS))
+    assert Image.open(output).size == fitted.size
+
+
+def test_a_batch_equals_its_samples_one_by_one(encoder, pipe):
+    """Two same-shape samples in one forward (per-sample timesteps) equal two batch-1 forwards; a batch whose
+    prompts differ in length is refused (the transformer takes no attention mask)."""
+    spec = model_spec("longcat")
+    rng = np.random.default_rng(1)
+    refs = [Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    samples = [encoder.encode(p, r, [r], None) for p, r in zip((PROMPT, "Make it blue."), refs)]
+    denoiser = spec.family.denoiser(pipe.transformer)
+    latents = torch.randn(2, *samples[0]["target"].shape, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        batched = denoiser(latents=latents, timestep=timesteps, **spec.conditioning(samples, "cpu", torch.float32))
+        alone = [denoiser(latents=latents[i:i + 1], timestep=timesteps[i:i + 1],
+                          **spec.conditioning([samples[i]], "cpu", torch.float32)) for i in range(2)]
+        row = denoiser(latents=latents[1:], timestep=timesteps[1:], **spec.family.select_rows(
+            spec.conditioning(samples, "cpu", torch.float32), [1]))
+    assert torch.allclose(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)   # float reassociation only
+    assert torch.equal(row, alone[1])
+    short = {**samples[1], "prompt_emb": samples[1]["prompt_emb"][:-1]}
+    with pytest.raises(EditTunerError, match="no attention mask"):
+        spec.conditioning([samples[0], short], "cpu", torch.float32)
+
+
+def test_a_qwen_cache_is_refused(demo_cache, tmp_path, capsys):
+    """`edittuner train --model_version longcat` on a Qwen-Image-Edit cache: one message saying what to run."""
+    from edittuner import cli
+    code = cli.main(["train", "--cache_dir", str(demo_cache), "--output_dir", str(tmp_path / "run"),
+                     "--model_version", "longcat", "--max_steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "was made for --model_version 2511 (Qwen-Image-Edit-2511), but this run trains --model_version longcat " \
+           "(LongCat-Image-Edit), another model family" in err
+    assert "edittuner precompute --model_version longcat" in err
+
+
+def test_official_layout_loads_and_incomplete_folders_are_listed(pipe, tmp_path, encoder):
+    """The folder diffusers' save_pretrained writes is the official layout: our loaders read it back to the same
+    encoding; a folder missing files is one error listing them all."""
+    folder = tmp_path / "LongCat-Image-Edit"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    source = ModelSource(family="longcat-image-edit", model_dir=str(folder))
+    source.check(model_spec("longcat").family.components)
+    dit, encoders = source.load_dit(), source.load_encoders()
+    assert all(torch.equal(a, b) for a, b in zip(dit.state_dict().values(), pipe.transformer.state_dict().values()))
+    loaded = LongCatSampleEncoder()
+    loaded.attach(encoders, "cpu", torch.float32)
+    ref = Image.new("RGB", (48, 64), (200, 30, 90))
+    assert torch.equal(loaded.encode_prompt(PROMPT, [ref]), encoder.encode_prompt(PROMPT, [ref]))
+    assert torch.equal(loaded.encode_image(ref), encoder.encode_image(ref))
+    assert source.encoder_fingerprint().startswith("longcat-dir:")
+    (folder / "vae/diffusion_pytorch_model.safetensors").unlink()
+    (folder / "tokenizer/tokenizer_config.json").unlink()
+    with pytest.raises(EditTunerError) as error:
+        source.check(model_spec("longcat").family.components)
+    message = str(error.value)
+    assert "vae/diffusion_pytorch_model.safetensors" in message and "tokenizer/tokenizer_config.json" in message
+
+
+def test_overlong_prompt_and_other_reference_counts_are_refused(encoder):
+    ref = Image.new("RGB", (48, 48))
+    with pytest.raises(EditTunerError, match="at most 512"):
+        encoder.encode_prompt("a" * 600, [ref])
+    with pytest.raises(EditTunerError, match="exactly one reference"):
+        encoder.encode_prompt(PROMPT, [ref, ref])
+    family = model_spec("longcat").family
+    assert "takes exactly 1" in family.reference_refusal(family.presets["longcat"], 2)
