@@ -1,10 +1,13 @@
-"""`edittuner` command line: dataset, precompute, train, sample, demo-data, export-lora. Bad input exits 2 with one message."""
+"""`edittuner` command line: dataset, precompute, train, check, sample, demo-data, export-lora. Bad input exits 2 with
+one message; under a launcher it names the launcher's variable that set the flag."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from itertools import groupby
 from pathlib import Path
 
 from .configs import PrecomputeConfig, SampleConfig, TrainConfig
@@ -12,7 +15,10 @@ from .dataset import GenerateConfig, generate_dataset_json
 from .errors import EditTunerError
 from .families import family_of
 from .models import ModelSource
-from .options import add_options, from_args
+from .options import add_options, from_args, positive_int
+
+# Set by scripts/launch.sh: its name, and "VAR=--flag ..." for each flag one of its variables sets.
+LAUNCHER_ENV, VARIABLES_ENV = "EDITTUNER_LAUNCHER", "EDITTUNER_VARIABLES"
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
@@ -54,6 +60,18 @@ def cmd_train(args) -> None:
         print(f"phase 2: {result['steps']} steps{evals} -> {result['lora']}")
 
 
+def cmd_check(args) -> None:
+    from .preflight import check_launch
+    train_flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
+    phase_1 = from_args(PrecomputeConfig, args, model=model_source(args))
+    phase_2 = None
+    if train_flags:
+        train_args = build_parser().parse_args(["train", *train_flags])
+        phase_2 = from_args(TrainConfig, train_args, model=model_source(train_args))
+    check_launch(phase_1, phase_2, args.accelerate_config)
+    print(f"check: settings of phase 1{' and phase 2' if phase_2 else ''} checked, nothing loaded or written")
+
+
 def cmd_sample(args) -> None:
     from .sampling import sample_images
     cfg = from_args(SampleConfig, args, model=model_source(args))
@@ -86,8 +104,21 @@ def _command(sub, name: str, func, summary: str, config: type | None = None) -> 
     return parser
 
 
+class UsageError(Exception):
+    """argparse's complaint about the command line, reported by ``main``."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edittuner", description=__doc__)
+    parser = Parser(prog="edittuner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _command(sub, "dataset", cmd_dataset, "raw folder -> dataset JSON (= generate_dataset_json_mp.py)", GenerateConfig)
     _command(sub, "precompute", cmd_precompute, "phase 1: encode prompts (with references) and latents into a cache",
@@ -95,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "train", cmd_train, "phase 2: LoRA-train the DiT from a phase-1 cache", TrainConfig)
     p.add_argument("--dry_run", action="store_true",
                    help="check every setting, the output folder and the model folder, load nothing and exit")
+    p = _command(sub, "check", cmd_check, "check phase 1's flags, files and folders, and with `-- <train flags>` "
+                 "phase 2's (train --dry_run), loading nothing: what the launchers run first", PrecomputeConfig)
+    p.add_argument("--accelerate_config", help="the accelerate config the phases will be launched with (a DeepSpeed "
+                   "one: phase 2 is checked under ZeRO)")
+    p.add_argument("--num_processes", type=positive_int, default=1, help="processes the phases will be launched with")
+    p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then the flags of `edittuner train`")
     _command(sub, "sample", cmd_sample, "edit an image (or every row of a dataset JSON) with the base model and an "
              "optional LoRA", SampleConfig)
 
@@ -113,20 +150,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launcher_variable(flag: str | None, argv: list[str]) -> str | None:
+    """'VAR=value (--flag)' when the launcher's variable VAR set ``flag``: users set variables, not flags. Not
+    when ``flag`` is given twice in a part of ``argv`` (parts: split at --): then an extra argument overrode it."""
+    variables = dict(item.split("=", 1)[::-1] for item in os.environ.get(VARIABLES_ENV, "").split() if "=" in item)
+    if flag not in variables:
+        return None
+    for part in (list(p) for separator, p in groupby(argv, lambda a: a == "--") if not separator):
+        given = [i for i, a in enumerate(part) if a == flag or a.startswith(flag + "=")]
+        if len(given) > 1:
+            return None
+        if given:
+            value = part[given[0] + 1] if part[given[0]] == flag and given[0] + 1 < len(part) else ""
+            return f"{variables[flag]}={value} ({flag})"
+    return None
+
+
+def _report(prog: str, message: str, flag: str | None, argv: list[str]) -> int:
+    """One line on stderr naming the culprit (the launcher's variable where one set ``flag``); exit status 2."""
+    variable = launcher_variable(flag, argv)
+    prog = os.environ.get(LAUNCHER_ENV) or prog
+    print(f"{prog}: error: {variable + ': ' if variable else ''}{message}", file=sys.stderr)
+    return 2
+
+
+def _usage_error(exc: UsageError, argv: list[str]) -> int:
+    """argparse's usage and message (SystemExit 2); where a launcher's variable set the flag, one line naming it."""
+    about = re.match(r"argument (--\w+)(?:/-+\w+)*: (.*)", str(exc), re.S)
+    if about and launcher_variable(about[1], argv):
+        return _report(exc.parser.prog, about[2], about[1], argv)
+    argparse.ArgumentParser.error(exc.parser, str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    prog = f"edittuner {argv[0]}" if argv else "edittuner"
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
+    except UsageError as exc:
+        return _usage_error(exc, argv)
     except EditTunerError as exc:
-        print(f"edittuner {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        starts = re.match(r"--\w+", str(exc))
+        return _report(prog, str(exc), exc.flag or (starts and starts[0]), argv)
     except OSError as exc:  # the machine said no (permissions, a full disk, a file where a folder should be)
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"edittuner {args.command}: error:{where}: {exc.strerror or exc}; check that path (permissions, "
-              "free space) and run again: nothing already written was replaced", file=sys.stderr)
-        return 2
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _report(prog, f"{where}{exc.strerror or exc}; check that path (permissions, free space) and run "
+                       "again: nothing already written was replaced", None, argv)
     except KeyboardInterrupt:
-        print(f"edittuner {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -125,16 +125,19 @@ def test_batch_size_refused_under_deepspeed(tmp_path):
         make_runtime(cfg, "no")
 
 
-def test_cli_and_launcher_refuse_bad_batch_size(demo_cache, tmp_path):
+def test_cli_and_launcher_refuse_bad_batch_size(demo_dir, demo_cache, tmp_path):
     result = run_cli("train", "--cache_dir", demo_cache, "--output_dir", tmp_path / "run", "--batch_size", "0")
     assert result.returncode != 0 and "--batch_size 0" in result.stderr and "Traceback" not in result.stderr
-    for env, message in [({"BATCH_SIZE": "0"}, "BATCH_SIZE=0"),
-                         ({"BATCH_SIZE": "2", "ACCELERATE_CONFIG": "accelerate_configs/zero3.yaml"}, "DeepSpeed")]:
+    for env, message in [({"BATCH_SIZE": "0"}, "BATCH_SIZE=0 (--batch_size): --batch_size 0: must be >= 1"),
+                         ({"BATCH_SIZE": "2", "ACCELERATE_CONFIG": "accelerate_configs/zero3.yaml"},
+                          "BATCH_SIZE=2 (--batch_size): --batch_size 2 under DeepSpeed ZeRO "
+                          "(accelerate_configs/zero3.json)")]:
         result = subprocess.run(["bash", str(ROOT / "Qwen-Image-Edit-2511.sh")], capture_output=True, text=True,
-                                cwd=ROOT, timeout=120,
-                                env={**os.environ, "DATASET_JSON": str(tmp_path / "none.json"),
-                                     "OUTPUT_DIR": str(tmp_path / "run"), **env})
+                                cwd=ROOT, timeout=300,
+                                env={**os.environ, "DATASET_JSON": str(demo_dir / "dataset.json"),
+                                     "CACHE_DIR": str(tmp_path / "cache"), "OUTPUT_DIR": str(tmp_path / "run"), **env})
         assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "phase 1" not in result.stdout and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("main_stream_references", [True, False])

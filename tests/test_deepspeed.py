@@ -110,3 +110,30 @@ def test_launcher_with_the_zero3_accelerate_config_runs_both_phases_on_two_proce
     assert json.loads((step / "trainer_state.json").read_text())["zero_stage"] == 3
     assert sorted(p.name for p in step.glob("optimizer.rank*.safetensors")) == \
         ["optimizer.rank0.safetensors", "optimizer.rank1.safetensors"]
+
+
+def test_the_check_reads_the_accelerate_config_as_the_workers_will(demo_dir, resize, tmp_path, monkeypatch):
+    """`edittuner check` (the launchers' first step) checks phase 2 under the DeepSpeed JSON an accelerate config
+    names, so what ZeRO refuses is refused before phase 1, and leaves no folder behind."""
+    from edittuner.cache import PrecomputeConfig
+    from edittuner.launch import deepspeed_config_file
+    from edittuner.models import ModelSource
+    from edittuner.preflight import check_launch
+    monkeypatch.chdir(ROOT)   # the JSON's path is relative to where accelerate is launched, as the launchers do
+    assert deepspeed_config_file(ROOT / "accelerate_configs/single.yaml") is None
+    assert deepspeed_config_file(ROOT / "accelerate_configs/zero3.yaml") == ZERO3.relative_to(ROOT)
+    (tmp_path / "inline.yaml").write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n")
+    with pytest.raises(EditTunerError, match="without deepspeed_config.deepspeed_config_file"):
+        deepspeed_config_file(tmp_path / "inline.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(EditTunerError, match="expected a mapping"):
+        deepspeed_config_file(tmp_path / "list.yaml")
+    phase_1 = PrecomputeConfig(dataset_json=demo_dir / "dataset.json", cache_dir=tmp_path / "cache",
+                               model=ModelSource(), resize=resize)
+    phase_2 = TrainConfig(cache_dir=tmp_path / "cache", output_dir=tmp_path / "run", resize=resize,
+                          optimizer="prodigy_sf")
+    check_launch(phase_1, phase_2, ROOT / "accelerate_configs/ddp.yaml")
+    phase_2.deepspeed_config = None
+    with pytest.raises(EditTunerError, match="prodigy_sf with DeepSpeed ZeRO stage 3"):
+        check_launch(phase_1, phase_2, ROOT / "accelerate_configs/zero3.yaml")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

@@ -158,12 +158,15 @@ def test_launcher_checks_phase_2_before_phase_1_and_reruns_into_its_folder(demo_
     holds another run, and OVERWRITE=on replaces that run, announced."""
     shutil.copytree(demo_dir, tmp_path / "demo")
     result = _launch(tmp_path, LR="1e-999")
-    assert result.returncode == 2 and "--learning_rate 0.0: must be a positive number" in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert "error: LR=1e-999 (--learning_rate): --learning_rate 0.0: must be a positive number" in result.stderr
     assert "Traceback" not in result.stderr and "phase 1" not in result.stdout and not (tmp_path / "run").exists()
 
     shutil.copytree(trained_run[0], tmp_path / "run")
     again = _launch(tmp_path)
-    assert again.returncode == 2 and "already holds a run" in again.stderr and "phase 1" not in again.stdout
+    assert again.returncode == 2 and "phase 1" not in again.stdout
+    assert f"OUTPUT_DIR={tmp_path / 'run'} (--output_dir): --output_dir {tmp_path / 'run'} already holds a run" \
+        in again.stderr, again.stderr
     assert not (tmp_path / "cache").exists()
     replaced = _launch(tmp_path, OVERWRITE="on", STEPS="3", SAVE_EVERY="3")
     assert replaced.returncode == 0 and "--overwrite: removing the earlier run" in replaced.stdout

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,16 +11,15 @@ from conftest import ROOT, TINY_PIXELS, run_cli
 
 
 
-def _launch(script, tmp_path, **env):
+def _launch(script, tmp_path, *extra, **env):
     base = {"DATASET_JSON": str(tmp_path / "demo/dataset.json"), "CACHE_DIR": str(tmp_path / "cache"),
             "OUTPUT_DIR": str(tmp_path / "run"), "STEPS": "30", "NUM_PROCESSES": "1"}
-    return subprocess.run(["bash", str(ROOT / script)], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run(["bash", str(ROOT / script), *extra], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, **base, **env}, timeout=600)
 
 
 @pytest.mark.parametrize("script, preset", [("Qwen-Image-Edit-2511.sh", "2511"), ("Qwen-Image-Edit-2509.sh", "2509")])
 def test_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path, script, preset):
-    import shutil
     shutil.copytree(demo_dir, tmp_path / "demo")
     result = _launch(script, tmp_path, STEPS="60")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -33,7 +33,6 @@ def test_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path, script, preset):
 
 
 def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
-    import shutil
     shutil.copytree(demo_dir, tmp_path / "demo")
     result = _launch("Qwen-Image-Edit-LBM.sh", tmp_path, STEPS="20")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,23 +47,64 @@ def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"STEPS": "ten"}, "STEPS=ten must be an integer"),
-    ({"LR": "-1"}, "LR=-1 must be a positive number"),
-    ({"MODEL_DIR": "/no/such/model"}, "MODEL_DIR=/no/such/model is not a directory"),
-    ({"ACCELERATE_CONFIG": "nope.yaml"}, "ACCELERATE_CONFIG=nope.yaml"),
-    ({"DATASET_JSON": "/no/such.json"}, "DATASET_JSON=/no/such.json: no such file"),
-    ({"OBJECTIVE": "gan"}, "OBJECTIVE=gan must be flow or lbm"),
-    ({"OBJECTIVE": "lbm", "MAIN_STREAM_REFS": "maybe"}, "MAIN_STREAM_REFS=maybe must be on or off"),
-    ({"ATTENTION": "fastest"}, "ATTENTION=fastest must be auto, sdpa, flash, efficient, cudnn or math"),
-    ({"COMPILE": "yes please"}, "COMPILE=yes please must be on or off"),
-    ({"BASE_QUANTIZATION": "int4"}, "BASE_QUANTIZATION=int4 must be none, int8 or fp8"),
-    ({"BASE_QUANTIZATION": "fp8"}, "BASE_QUANTIZATION=fp8 needs a CUDA GPU"),
-    ({"OFFLOAD_BLOCKS": "on"}, "OFFLOAD_BLOCKS=on moves block weights from host memory to a GPU"),
+    ({"STEPS": "ten"}, "STEPS=ten (--max_steps): invalid int value: 'ten'"),
+    ({"LR": "-1"}, "LR=-1 (--learning_rate): --learning_rate -1.0: must be a positive number"),
+    ({"MODEL_DIR": "/no/such/model"}, "MODEL_DIR=/no/such/model (--model_dir): --model_dir /no/such/model: no such "
+                                      "directory (local Qwen-Image-Edit folder in the official layout, or 'tiny'"),
+    ({"ACCELERATE_CONFIG": "nope.yaml"}, "ACCELERATE_CONFIG=nope.yaml (--accelerate_config): accelerate config "
+                                         "nope.yaml: no such file (see accelerate_configs/"),
+    ({"NUM_PROCESSES": "0"}, "NUM_PROCESSES=0 (--num_processes): 0 must be at least 1"),
+    ({"DATASET_JSON": "/no/such.json"}, "DATASET_JSON=/no/such.json (--dataset_json): dataset JSON /no/such.json: "
+                                        "no such file; make one with `edittuner dataset"),
+    ({"VALIDATION_JSON": "/no/val.json"}, "VALIDATION_JSON=/no/val.json (--validation_json): dataset JSON "
+                                          "/no/val.json: no such file"),
+    ({"SEED": "-1"}, "SEED=-1 (--seed): -1: must be between 0 and 4294967295"),
+    ({"OBJECTIVE": "gan"}, "OBJECTIVE=gan (--objective): invalid choice: 'gan' (choose from 'flow', 'lbm')"),
+    ({"OBJECTIVE": "lbm", "MAIN_STREAM_REFS": "maybe"},
+     "MAIN_STREAM_REFS=maybe (--main_stream_references): 'maybe': use on or off"),
+    ({"ATTENTION": "fastest"}, "ATTENTION=fastest (--attention): invalid choice: 'fastest' (choose from 'auto', "
+                               "'sdpa', 'flash', 'efficient', 'cudnn', 'math')"),
+    ({"COMPILE": "yes please"}, "COMPILE=yes please (--compile): 'yes please': use on or off"),
+    ({"OVERWRITE": "maybe"}, "OVERWRITE=maybe must be on or off"),
+    ({"BASE_QUANTIZATION": "int4"}, "BASE_QUANTIZATION=int4 (--base_quantization): invalid choice: 'int4'"),
+    ({"BASE_QUANTIZATION": "fp8"}, "BASE_QUANTIZATION=fp8 (--base_quantization): --base_quantization fp8: fp8 "
+                                   "weights need a CUDA GPU"),
+    ({"OFFLOAD_BLOCKS": "on"}, "OFFLOAD_BLOCKS=on (--offload_blocks): --offload_blocks: block offload keeps the "
+                               "frozen weights in host memory"),
 ])
-def test_bad_launcher_variable_fails_before_any_work(tmp_path, env, message):
-    result = _launch("Qwen-Image-Edit-2511.sh", tmp_path, **env)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert "phase 1" not in result.stdout and not (tmp_path / "cache").exists()
+def test_bad_launcher_variable_fails_before_any_work(demo_dir, tmp_path, env, message):
+    result = _launch("Qwen-Image-Edit-2511.sh", tmp_path, **{"DATASET_JSON": str(demo_dir / "dataset.json"), **env})
+    assert result.returncode == 2 and f"Qwen-Image-Edit-2511.sh: error: {message}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
+    assert "phase 1" not in result.stdout and not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_an_extra_argument_is_named_as_given(demo_dir, tmp_path):
+    """An extra argument that overrides a variable's flag is reported as the flag, not as the variable."""
+    result = _launch("Qwen-Image-Edit-2511.sh", tmp_path, "--rank", "0", DATASET_JSON=str(demo_dir / "dataset.json"))
+    assert result.returncode == 2 and "error: --rank 0: must be between 1 and 1024" in result.stderr, result.stderr
+    assert "RANK=" not in result.stderr and "phase 1" not in result.stdout
+
+
+def test_errors_name_the_variable_that_set_the_flag(tmp_path, monkeypatch, capsys):
+    from edittuner.cli import main
+    common = ["--cache_dir", str(tmp_path / "c"), "--output_dir", str(tmp_path / "r")]
+    with pytest.raises(SystemExit, match="2"):   # no launcher: argparse's usage and message
+        main(["train", *common, "--max_steps", "ten"])
+    err = capsys.readouterr().err
+    assert "usage:" in err and "edittuner train: error: argument --max_steps: invalid int value: 'ten'" in err
+    monkeypatch.setenv("EDITTUNER_LAUNCHER", "x.sh")
+    monkeypatch.setenv("EDITTUNER_VARIABLES", "STEPS=--max_steps RANK=--rank")
+    assert main(["train", *common, "--max_steps", "ten"]) == 2
+    assert capsys.readouterr().err == "x.sh: error: STEPS=ten (--max_steps): invalid int value: 'ten'\n"
+    assert main(["train", *common, "--rank", "0"]) == 2
+    assert capsys.readouterr().err == "x.sh: error: RANK=0 (--rank): --rank 0: must be between 1 and 1024\n"
+    assert main(["train", *common, "--rank", "8", "--rank", "0"]) == 2   # given again: the flag, as given
+    assert capsys.readouterr().err == "x.sh: error: --rank 0: must be between 1 and 1024\n"
+    # the check command's two phases each hold the flag once
+    assert main(["check", "--dataset_json", str(tmp_path / "none.json"), *common[:2], "--",
+                 *common, "--rank", "0"]) == 2
+    assert capsys.readouterr().err == "x.sh: error: RANK=0 (--rank): --rank 0: must be between 1 and 1024\n"
 
 
 def _one_clean_error(result, *needles):

@@ -276,3 +276,27 @@ def test_overlong_prompt_and_other_reference_counts_are_refused(encoder):
         encoder.encode_prompt(PROMPT, [ref, ref])
     family = model_spec("longcat").family
     assert "takes exactly 1" in family.reference_refusal(family.presets["longcat"], 2)
+
+
+def test_launcher_trains_longcat_end_to_end(demo_dir, tmp_path):
+    """LongCat-Image-Edit.sh on the tiny model: both phases, previews, the eval loss falling, the LoRA's family."""
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+    from edittuner.lora import read_lora_file
+    shutil.copytree(demo_dir, tmp_path / "demo")
+    env = {"DATASET_JSON": str(tmp_path / "demo/dataset_single_ref.json"), "CACHE_DIR": str(tmp_path / "cache"),
+           "OUTPUT_DIR": str(tmp_path / "run"), "STEPS": "30", "NUM_PROCESSES": "1", "VALIDATION_STEPS": "30",
+           "VALIDATION_INFERENCE_STEPS": "2"}
+    result = subprocess.run(["bash", str(ROOT / "LongCat-Image-Edit.sh")], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, **env}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("LongCat-Image-Edit: no MODEL_DIR set")
+    assert json.loads((tmp_path / "run/config.json").read_text())["model_version"] == "longcat"
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["eval_loss_end"] < 0.9 * summary["eval_loss_start"], summary
+    assert (tmp_path / "run/validation/step-000030.png").is_file()
+    _, metadata = read_lora_file(tmp_path / "run/lora.safetensors")
+    assert (metadata["family"], metadata["base_model"]) == ("longcat-image-edit", "LongCat-Image-Edit")

@@ -25,7 +25,7 @@ class QwenImageEdit(Family):
 
     # ---- the model directory ---------------------------------------------------------------------------------
     def check_model(self, source, components):
-        from .models import check_model
+        from .layout import check_model
         check_model(source, components)
 
     def load_dit(self, source, dtype, device):
@@ -56,7 +56,7 @@ class QwenImageEdit(Family):
         if source.uses_tiny_encoders:
             from .tiny import tiny_fingerprint
             return tiny_fingerprint(source.tiny_seed)
-        from .models import encoder_fingerprint
+        from .layout import encoder_fingerprint
         return encoder_fingerprint(source)
 
     # ---- phase 1 ---------------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""`edittuner check`: what phase 1 and phase 2 would refuse before their first step, checked at once, before phase
+1 starts (the launchers run it first), with nothing loaded and nothing left behind.
+
+The light checks (flags, JSON files, the accelerate config, the model and cache folders) come first, so that most
+bad values fail in well under a second; phase 2's run folder, the model files and the machine's levers come last,
+because checking them imports torch (and the family's model check, the engine).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+from .atomic import FolderLock, check_output_dir
+from .configs import PrecomputeConfig, TrainConfig
+from .dataset import load_dataset
+from .errors import EditTunerError, about
+from .launch import deepspeed_config_file
+from .models import ModelSource
+
+
+def check_model_folders(model: ModelSource) -> None:
+    """Every folder the model options name exists: a moment's check, before the family's check of the files in
+    them (which imports the engine)."""
+    for f in fields(model):
+        folder = getattr(model, f.name)
+        if (f.name.endswith("_dir") and folder and not (f.name == "model_dir" and model.is_tiny)
+                and not Path(folder).is_dir()):
+            raise EditTunerError(f"--{f.name} {folder}: no such directory ({f.metadata['help']})")
+
+
+@contextmanager
+def _probed(folder: Path):
+    """A folder the check made is removed again, so a dry check leaves nothing behind."""
+    created = not folder.exists()
+    try:
+        yield
+    finally:
+        if created:
+            FolderLock.remove_empty(folder)
+
+
+def check_cache_folder(cache_dir: Path) -> None:
+    """Phase 1 can write the cache folder, and no other phase 1 is writing it."""
+    with _probed(Path(cache_dir)):
+        check_output_dir(cache_dir, "--cache_dir")
+        with about("--cache_dir"), FolderLock(cache_dir, "phase 1 (precompute)"):
+            pass
+
+
+def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
+                 accelerate_config: str | os.PathLike | None = None) -> None:
+    """Phase 1's refusals (dataset and validation JSONs, cache folder, encoder files) and phase 2's
+    (``trainer.check_train``), phase 2 under the DeepSpeed config ``accelerate_config`` names, as its workers
+    will run."""
+    with about("--accelerate_config"):
+        deepspeed = deepspeed_config_file(accelerate_config) if accelerate_config else None
+    with about("--dataset_json"):
+        rows = load_dataset(phase_1.dataset_json, root=phase_1.data_root)
+    if phase_1.validation_json is not None:
+        with about("--validation_json"):
+            validation = load_dataset(phase_1.validation_json, root=phase_1.data_root)
+    for model in (phase_1.model, phase_2.model) if phase_2 else (phase_1.model,):
+        check_model_folders(model)
+    check_cache_folder(phase_1.cache_dir)
+
+    from .cache import check_validation_overlap   # torch from here on
+    if phase_1.validation_json is not None:
+        check_validation_overlap(rows, validation, phase_1.dataset_json, phase_1.validation_json)
+    if phase_2 is not None:   # before phase 1's model check: its run folder refusals need no model engine
+        from .trainer import check_train
+        if phase_2.deepspeed_config is None:   # what the workers read from accelerate's environment
+            phase_2.deepspeed_config = deepspeed
+        check_train(phase_2)
+    phase_1.model.check(tuple(c for c in phase_1.family.components if c != "transformer"))
