@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from edittuner.cache import PrecomputeConfig, precompute_cache  # noqa: E402
 from edittuner.dataset import GenerateConfig, generate_dataset_json, load_dataset  # noqa: E402
-from edittuner.families.qwen_image_edit.encoding import (encode_images_and_prompt, make_encoding_pipe, prepare_images,  # noqa: E402
-                                reference_prompt_embedder)
-from edittuner.images import ResizeConfig  # noqa: E402
+from edittuner.families.qwen_image_edit.encoding import (encode_images_and_prompt, make_encoding_pipe,  # noqa: E402
+                                                         reference_prompt_embedder)
+from edittuner.images import ResizeConfig, prepare_images  # noqa: E402
 from edittuner.families import PRESETS  # noqa: E402
 from edittuner.lora import inject_lora, lora_parameters  # noqa: E402
 from edittuner.models import ModelSource  # noqa: E402

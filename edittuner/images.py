@@ -219,3 +219,33 @@ def check_aspect_ratio(width: int, height: int, what: str) -> None:
     if ratio > MAX_ASPECT_RATIO:
         raise EditTunerError(f"{what}: {width}x{height} has an aspect ratio of {ratio:.4g}:1; the model accepts at "
                              f"most {MAX_ASPECT_RATIO}:1; crop or pad it to a less extreme shape")
+
+
+# ---- a sample's images as every family encodes them (8x8 latent cells) -----------------------------------
+
+def fit_reference(image: Image.Image, resize: ResizeConfig) -> Image.Image:
+    """Size one reference image: the one rule phase 1, sampling and the app share."""
+    return resize_to(image.convert("RGB"), fit_size(*image.size, resize.ref_max_pixels or resize.max_pixels,
+                                                    resize.multiple))
+
+
+def load_references(paths, resize: ResizeConfig) -> list[Image.Image]:
+    return [fit_reference(load_rgb(path), resize) for path in paths]
+
+
+def mask_to_latent_grid(mask: Image.Image, size: tuple[int, int]):
+    """An edit mask (white = edited) as the fraction of each 8x8 latent cell it covers: a tensor (1, h/8, w/8)."""
+    import numpy as np
+    import torch
+
+    w, h = size
+    grid = mask.convert("L").resize((w, h), Image.Resampling.BILINEAR).resize((w // 8, h // 8), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
+
+
+def prepare_images(sample, resize: ResizeConfig):
+    """Decode and size a dataset row's target, references and mask exactly as phase 1 encodes them."""
+    target = load_rgb(sample.image)
+    target = resize_to(target, fit_size(*target.size, resize.max_pixels, resize.multiple))
+    mask = load_mask(sample.mask) if sample.mask else None
+    return target, load_references(sample.edit_images, resize), mask

@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from edittuner.cache import CacheReader, PrecomputeConfig, precompute_cache
-from edittuner.families.qwen_image_edit.encoding import make_encoding_pipe, prepare_images
+from edittuner.families.qwen_image_edit.encoding import make_encoding_pipe
+from edittuner.images import prepare_images
 from edittuner.dataset import load_dataset
 from edittuner.errors import EditTunerError
 from edittuner.images import ResizeConfig

@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from edittuner.cache import REFUSED, CacheReader, PrecomputeConfig, precompute_cache, row_refusal
-from edittuner.families.qwen_image_edit.encoding import fit_reference, make_encoding_pipe, reference_prompt_embedder
+from edittuner.families.qwen_image_edit.encoding import make_encoding_pipe, reference_prompt_embedder
+from edittuner.images import fit_reference
 from edittuner.dataset import GenerateConfig, Sample, generate_dataset_json
 from edittuner.errors import EditTunerError
 from edittuner.images import ResizeConfig, load_mask

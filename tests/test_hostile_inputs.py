@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from edittuner.cache import CacheReader, PrecomputeConfig, precompute_cache
-from edittuner.families.qwen_image_edit.encoding import prepare_images
+from edittuner.images import prepare_images
 from edittuner.checkpoint import checkpoint_steps, load_state, save_state, write_checkpoint
 from edittuner.dataset import GenerateConfig, generate_dataset_json, load_dataset
 from edittuner.errors import EditTunerError

@@ -21,7 +21,7 @@ from edittuner.images import ResizeConfig
 from edittuner.families import model_spec
 from edittuner.families.longcat_image_edit.encoding import LongCatSampleEncoder
 from edittuner.families.longcat_image_edit.tiny import build_tiny_dit, build_tiny_encoders, build_tiny_scheduler
-from edittuner.families.qwen_image_edit.encoding import prepare_images
+from edittuner.images import prepare_images
 from edittuner.models import ModelSource
 from edittuner.sampling import SamplerConfig, sample_edit_latents
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from edittuner import cli
 from edittuner.cache import CacheReader, PrecomputeConfig, precompute_cache
-from edittuner.families.qwen_image_edit.encoding import make_encoding_pipe, prepare_images
+from edittuner.families.qwen_image_edit.encoding import make_encoding_pipe
+from edittuner.images import prepare_images
 from edittuner.dataset import load_dataset
 from edittuner.errors import EditTunerError
 from edittuner.families import PRESETS
@@ -159,7 +160,7 @@ def test_sample_takes_2508_from_the_loras_metadata(launched, demo, tmp_path, cap
 def test_sampling_2508_is_the_engines_pipeline_and_the_app_offers_it(demo, resize):
     """Our flow sampler with the single-image template equals diffsynth's pipeline given one PIL image."""
     from edittuner.app import NO_LORA, EditSession, build_parser
-    from edittuner.families.qwen_image_edit.encoding import fit_reference
+    from edittuner.images import fit_reference
     from edittuner.images import load_rgb
     editor = Editor(model_version="2508", resize=resize)
     source = load_rgb(demo / "raw/source/03_rocket.png")

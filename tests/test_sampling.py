@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from edittuner.families.qwen_image_edit.encoding import fit_reference, make_encoding_pipe, mask_to_latent_grid
+from edittuner.families.qwen_image_edit.encoding import make_encoding_pipe
+from edittuner.images import fit_reference, mask_to_latent_grid
 from edittuner.errors import EditTunerError
 from edittuner.images import load_rgb
 from edittuner.families import PRESETS

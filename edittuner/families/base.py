@@ -80,6 +80,25 @@ class SampleEncoder(Protocol):
     def mask_to_latent_grid(self, mask: "Image.Image", size: tuple[int, int]) -> "torch.Tensor": ...
 
 
+class ImageSides:
+    """The image side a family's SampleEncoder inherits: references and targets sized by the resize rules, the
+    mask on the 8x8 latent grid (``images.py``); ``pipe`` is what ``attach`` gives (None before)."""
+
+    pipe: Any = None
+
+    def fit_reference(self, image: "Image.Image", resize: "ResizeConfig") -> "Image.Image":
+        from ..images import fit_reference
+        return fit_reference(image, resize)
+
+    def prepare(self, sample: "Sample", resize: "ResizeConfig") -> tuple:
+        from ..images import prepare_images
+        return prepare_images(sample, resize)
+
+    def mask_to_latent_grid(self, mask: "Image.Image", size: tuple[int, int]) -> "torch.Tensor":
+        from ..images import mask_to_latent_grid
+        return mask_to_latent_grid(mask, size)
+
+
 class Family(ABC):
     """What every model family provides. ``presets`` maps version names to ``Preset``s."""
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from ...dataset import Sample
 from ...errors import EditTunerError
-from ...images import ResizeConfig
-from ..qwen_image_edit.encoding import fit_reference, mask_to_latent_grid, prepare_images
+from ...images import ResizeConfig, mask_to_latent_grid
+from ..base import ImageSides
 from .models import Encoders, place
 from .presets import PROMPT_TEMPLATE
 
@@ -108,24 +108,18 @@ def decode_latents(vae, latents: torch.Tensor) -> Image.Image:
     return VaeImageProcessor(vae_scale_factor=scale * 2).postprocess(pixels, output_type="pil")[0]
 
 
-class LongCatSampleEncoder:
+class LongCatSampleEncoder(ImageSides):
     """The family's ``SampleEncoder``; ``attach`` gives it the loaded encoders (row checks need only sizes)."""
 
     prompt_template = PROMPT_TEMPLATE
 
-    def __init__(self):
-        self.pipe = None
-
     def attach(self, encoders: Encoders, device, dtype) -> None:
         self.pipe = make_encoding_pipe(encoders, device, dtype)
-
-    def fit_reference(self, image: Image.Image, resize: ResizeConfig) -> Image.Image:
-        return fit_reference(image, resize)
 
     def prepare(self, sample: Sample, resize: ResizeConfig):
         if self.pipe is not None:   # phase 1 prepares after attaching: an over-long prompt is a refused row
             check_prompt(self.pipe, sample.prompt)
-        return prepare_images(sample, resize)
+        return super().prepare(sample, resize)
 
     def vision_size(self, width: int, height: int) -> tuple[int, int]:
         return width // 2, height // 2
@@ -151,6 +145,3 @@ class LongCatSampleEncoder:
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         return encode_image(self.pipe, image)
-
-    def mask_to_latent_grid(self, mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-        return mask_to_latent_grid(mask, size)

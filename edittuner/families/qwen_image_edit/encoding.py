@@ -8,15 +8,14 @@ import hashlib
 import inspect
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
-from ...dataset import Sample
 from ...errors import EditTunerError
-from ...images import ResizeConfig, fit_size, load_mask, load_rgb, resize_to
-from .presets import UNNAMED_PROMPT_TEMPLATE
+from ...images import mask_to_latent_grid
+from ..base import ImageSides
 from .models import Encoders
+from .presets import UNNAMED_PROMPT_TEMPLATE
 
 
 
@@ -105,31 +104,6 @@ def reference_prompt_embedder(vl_pixels: int, prompt_template: str | None = None
     return ReferencePromptEmbedder()
 
 
-def fit_reference(image: Image.Image, resize: ResizeConfig) -> Image.Image:
-    """Size one reference image: the one rule phase 1, sampling and the app share."""
-    return resize_to(image.convert("RGB"), fit_size(*image.size, resize.ref_max_pixels or resize.max_pixels,
-                                                    resize.multiple))
-
-
-def load_references(paths, resize: ResizeConfig) -> list[Image.Image]:
-    return [fit_reference(load_rgb(path), resize) for path in paths]
-
-
-def mask_to_latent_grid(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """An edit mask (white = edited) as the fraction of each 8x8 latent cell it covers, shape (1, h/8, w/8)."""
-    w, h = size
-    grid = mask.convert("L").resize((w, h), Image.Resampling.BILINEAR).resize((w // 8, h // 8), Image.Resampling.BOX)
-    return torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
-
-
-def prepare_images(sample: Sample, resize: ResizeConfig):
-    """Decode and size the target, references and mask exactly as phase 1 encodes them."""
-    target = load_rgb(sample.image)
-    target = resize_to(target, fit_size(*target.size, resize.max_pixels, resize.multiple))
-    mask = load_mask(sample.mask) if sample.mask else None
-    return target, load_references(sample.edit_images, resize), mask
-
-
 @torch.no_grad()
 def encode_images_and_prompt(pipe, embedder, prompt: str, target: Image.Image | None, refs: list[Image.Image],
                              mask: Image.Image | None, negative_prompt: str | None = None) -> dict[str, torch.Tensor]:
@@ -157,23 +131,16 @@ def decode_latents(vae, latents: torch.Tensor) -> Image.Image:
     return Image.fromarray(((pixels + 1) * 127.5).clip(0, 255).to("cpu", torch.uint8).numpy())
 
 
-class QwenSampleEncoder:
+class QwenSampleEncoder(ImageSides):
     """The family's ``SampleEncoder``: one version's prompt template at ``vl_pixels``; ``attach`` gives it the
     loaded encoders (row checks before that need only the sizes)."""
 
     def __init__(self, prompt_template: str, vl_pixels: int):
         self.prompt_template = prompt_template
         self.embedder = reference_prompt_embedder(vl_pixels, prompt_template)
-        self.pipe = None
 
     def attach(self, encoders: Encoders, device, dtype) -> None:
         self.pipe = make_encoding_pipe(encoders, device, dtype)
-
-    def fit_reference(self, image: Image.Image, resize: ResizeConfig) -> Image.Image:
-        return fit_reference(image, resize)
-
-    def prepare(self, sample: Sample, resize: ResizeConfig):
-        return prepare_images(sample, resize)
 
     def vision_size(self, width: int, height: int) -> tuple[int, int]:
         return self.embedder.vision_size(width, height)
@@ -191,6 +158,3 @@ class QwenSampleEncoder:
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         return self.pipe.vae.encode(self.pipe.preprocess_image(image))[0]
-
-    def mask_to_latent_grid(self, mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-        return mask_to_latent_grid(mask, size)
