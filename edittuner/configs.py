@@ -23,6 +23,15 @@ from .models import ModelSource
 from .options import float_list, name_list, seed_int
 from .tracking import REPORT_TO
 
+def version_for(model: ModelSource, version: str) -> Preset:
+    """The preset of ``version``, refused unless ``model`` is of its family (the CLI makes them agree)."""
+    preset = check_version(version)
+    if model.family != preset.family:
+        raise EditTunerError(f"--model_version {version} is a {preset.family} model, but the model source is for "
+                             f"{model.family}")
+    return preset
+
+
 ATTENTION = ("auto", "sdpa", "flash", "efficient", "cudnn", "math")
 BASE_QUANTIZATION = ("none", "int8", "fp8")
 OBJECTIVE_NAMES = ("flow", "lbm")   # objectives.OBJECTIVES registers one objective under each
@@ -265,10 +274,7 @@ class PrecomputeConfig:
     data_root: Path | None = field(default=None, metadata=DATA_ROOT_OPTION)
 
     def __post_init__(self):
-        check_version(self.model_version)
-        if self.model.family != self.preset.family:
-            raise EditTunerError(f"--model_version {self.model_version} is a {self.preset.family} model, but the model "
-                                 f"source is for {self.model.family}")
+        version_for(self.model, self.model_version)
 
     @property
     def preset(self) -> Preset:
@@ -349,10 +355,7 @@ class TrainConfig:
         "group": "speed and memory (BENCHMARKS.md: when to use each)"})
 
     def __post_init__(self):
-        preset = check_version(self.model_version)
-        if self.model.family != preset.family:
-            raise EditTunerError(f"--model_version {self.model_version} is a {preset.family} model, but the model "
-                                 f"source is for {self.model.family}")
+        preset = version_for(self.model, self.model_version)
         self.lora_targets = tuple(self.lora_targets or preset.lora_targets)
         self.zero_cond_t = model_spec(self.model_version, self.zero_cond_t).zero_cond_t
         self.gradient_accumulation = self.gradient_accumulation or preset.gradient_accumulation
