@@ -191,7 +191,7 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
         sets.append((replace(cfg, dataset_json=cfg.validation_json, cache_dir=Path(cfg.cache_dir) / VALIDATION_SUBDIR,
                              validation_json=None, negative_prompt=DEFAULT_NEGATIVE_PROMPT
                              if cfg.negative_prompt is None else cfg.negative_prompt), validation))
-    cfg.model.check(tuple(c for c in cfg.family.components if c != "transformer"))
+    cfg.model.check(cfg.family.encoder_components)
     for set_cfg, _ in sets:
         check_output_dir(set_cfg.cache_dir, "--cache_dir")
     # One phase 1 at a time per cache folder: a second is refused, naming the first.

@@ -74,4 +74,4 @@ def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
         if phase_2.deepspeed_config is None:   # what the workers read from accelerate's environment
             phase_2.deepspeed_config = deepspeed
         check_train(phase_2)
-    phase_1.model.check(tuple(c for c in phase_1.family.components if c != "transformer"))
+    phase_1.model.check(phase_1.family.encoder_components)

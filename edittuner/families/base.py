@@ -111,6 +111,11 @@ class Family(ABC):
     unnamed_prompt_template: str | None = None   # the template of cache records from before they named one
 
     # ---- the model directory -------------------------------------------------------------------------------
+    @property
+    def encoder_components(self) -> tuple[str, ...]:
+        """The model-directory folders phase 1 needs: all but the transformer."""
+        return tuple(c for c in self.components if c != "transformer")
+
     @abstractmethod
     def check_model(self, source: "ModelSource", components: tuple[str, ...]) -> None:
         """Refuse a missing or incomplete model directory, listing what is missing."""
