@@ -11,6 +11,7 @@ launchers' ``--dry_run``) stays fast.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -103,6 +104,7 @@ class Family(ABC):
     """What every model family provides. ``presets`` maps version names to ``Preset``s."""
 
     name: str
+    package: str                         # the family's package (its parts: denoiser, encoding, ...)
     base_model_prefix: str               # every preset's base_model starts with it (LoRA metadata)
     presets: dict[str, Preset]
     default_version: str
@@ -156,9 +158,6 @@ class Family(ABC):
         """The denoiser's inputs besides latents and timestep, for same-shape cached samples."""
 
     @abstractmethod
-    def select_rows(self, conditioning: dict, rows: list[int]) -> dict: ...
-
-    @abstractmethod
     def without_references(self, conditioning: dict) -> dict:
         """The conditioning with the reference tokens left out (LBM's streams that do not see them)."""
 
@@ -167,16 +166,31 @@ class Family(ABC):
         """The flow-matching training schedule: ``timesteps``, ``add_noise``, ``training_target``,
         ``training_weight`` as the engine's FlowMatchScheduler has them."""
 
-    @abstractmethod
+    # A family package's ``denoiser`` module provides ``select_rows`` and ``sample_flow``, its ``encoding`` module
+    # ``decode_latents``: these forward to them (a family with other parts overrides the method).
+    def _part(self, module: str):
+        return importlib.import_module(f"{self.package}.{module}")
+
+    def select_rows(self, conditioning: dict, rows: list[int]) -> dict:
+        return self._part("denoiser").select_rows(conditioning, rows)
+
     def sample_flow(self, denoiser: Callable, conditioning: dict, negative_conditioning: dict | None, latent_shape,
-                    steps: int, guidance: float, generator, keep=None, device=None, dtype=None) -> "torch.Tensor": ...
+                    steps: int, guidance: float, generator, keep=None, device=None, dtype=None) -> "torch.Tensor":
+        return self._part("denoiser").sample_flow(denoiser, conditioning, negative_conditioning, latent_shape, steps,
+                                                  guidance, generator, keep, device, dtype)
+
+    def decode(self, vae: "torch.nn.Module", latents: "torch.Tensor") -> "Image.Image":
+        return self._part("encoding").decode_latents(vae, latents)
 
     @abstractmethod
-    def decode(self, vae: "torch.nn.Module", latents: "torch.Tensor") -> "Image.Image": ...
+    def selects_module(self, name: str, targets: tuple[str, ...], dit: "torch.nn.Module") -> bool:
+        """Whether the Linear layer ``name`` of ``dit`` gets a LoRA for ``targets`` (dead ends left out)."""
 
-    @abstractmethod
     def lora_module_names(self, dit: "torch.nn.Module", targets: tuple[str, ...]) -> list[str]:
         """Full names of the Linear layers ``targets`` select, minus those whose output never reaches the loss."""
+        import torch
+        return [name for name, module in dit.named_modules()
+                if isinstance(module, torch.nn.Linear) and self.selects_module(name, targets, dit)]
 
     # ---- shared rules ----------------------------------------------------------------------------------------
     def reference_refusal(self, preset: Preset, count: int) -> str | None:

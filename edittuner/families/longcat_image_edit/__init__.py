@@ -17,6 +17,7 @@ class LongCatImageEdit(Family):
     """LongCat-Image-Edit: tiny when --model_dir is tiny and no component folder overrides it."""
 
     name = NAME
+    package = __name__   # where _part finds its denoiser and encoding modules
     base_model_prefix = "LongCat-Image-Edit"
     presets = PRESETS
     default_version = VERSION
@@ -87,10 +88,6 @@ class LongCatImageEdit(Family):
         from .denoiser import collate_conditioning
         return collate_conditioning(samples, device, dtype, gradient_checkpointing, latent_hw)
 
-    def select_rows(self, conditioning, rows):
-        from .denoiser import select_rows
-        return select_rows(conditioning, rows)
-
     def without_references(self, conditioning):
         from .denoiser import without_references
         return without_references(conditioning)
@@ -99,17 +96,5 @@ class LongCatImageEdit(Family):
         from .denoiser import TrainingSchedule
         return TrainingSchedule()
 
-    def sample_flow(self, denoiser, conditioning, negative_conditioning, latent_shape, steps, guidance, generator,
-                    keep=None, device=None, dtype=None):
-        from .denoiser import sample_flow
-        return sample_flow(denoiser, conditioning, negative_conditioning, latent_shape, steps, guidance, generator,
-                           keep, device, dtype)
-
-    def decode(self, vae, latents):
-        from .encoding import decode_latents
-        return decode_latents(vae, latents)
-
-    def lora_module_names(self, dit, targets):
-        import torch
-        return [name for name, module in dit.named_modules()
-                if isinstance(module, torch.nn.Linear) and selects_module(name, targets)]
+    def selects_module(self, name, targets, dit):
+        return selects_module(name, targets)

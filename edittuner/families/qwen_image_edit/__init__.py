@@ -16,6 +16,7 @@ class QwenImageEdit(Family):
     """Qwen-Image-Edit on the engine: tiny when --model_dir is tiny and no component folder overrides it."""
 
     name = NAME
+    package = __name__   # where _part finds its denoiser and encoding modules
     base_model_prefix = "Qwen-Image-Edit-"
     presets = PRESETS
     default_version = "2511"
@@ -81,10 +82,6 @@ class QwenImageEdit(Family):
         from .denoiser import collate_conditioning
         return collate_conditioning(samples, device, dtype, spec.zero_cond_t, gradient_checkpointing, latent_hw)
 
-    def select_rows(self, conditioning, rows):
-        from .denoiser import select_rows
-        return select_rows(conditioning, rows)
-
     def without_references(self, conditioning):
         return {**conditioning, "edit_latents": None}
 
@@ -92,17 +89,5 @@ class QwenImageEdit(Family):
         from .denoiser import training_scheduler
         return training_scheduler()
 
-    def sample_flow(self, denoiser, conditioning, negative_conditioning, latent_shape, steps, guidance, generator,
-                    keep=None, device=None, dtype=None):
-        from .denoiser import sample_flow
-        return sample_flow(denoiser, conditioning, negative_conditioning, latent_shape, steps, guidance, generator,
-                           keep, device, dtype)
-
-    def decode(self, vae, latents):
-        from .encoding import decode_latents
-        return decode_latents(vae, latents)
-
-    def lora_module_names(self, dit, targets):
-        import torch
-        return [name for name, module in dit.named_modules()
-                if isinstance(module, torch.nn.Linear) and selects_module(name, targets, len(dit.transformer_blocks))]
+    def selects_module(self, name, targets, dit):
+        return selects_module(name, targets, len(dit.transformer_blocks))
