@@ -61,13 +61,15 @@ def cmd_train(args) -> None:
 
 
 def cmd_check(args) -> None:
-    from .preflight import check_launch
+    from .preflight import check_launch, check_machines
     train_flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
     phase_1 = from_args(PrecomputeConfig, args, model=model_source(args))
     phase_2 = None
     if train_flags:
         train_args = build_parser().parse_args(["train", *train_flags])
         phase_2 = from_args(TrainConfig, train_args, model=model_source(train_args))
+    check_machines(args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip,
+                   args.main_process_port)
     check_launch(phase_1, phase_2, args.accelerate_config)
     print(f"check: settings of phase 1{' and phase 2' if phase_2 else ''} checked, nothing loaded or written")
 
@@ -130,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "phase 2's (train --dry_run), loading nothing: what the launchers run first", PrecomputeConfig)
     p.add_argument("--accelerate_config", help="the accelerate config the phases will be launched with (a DeepSpeed "
                    "one: phase 2 is checked under ZeRO)")
-    p.add_argument("--num_processes", type=positive_int, default=1, help="processes the phases will be launched with")
+    p.add_argument("--num_processes", type=positive_int, default=1, help="processes the phases will be launched with "
+                   "(all machines together, as accelerate counts them)")
+    p.add_argument("--num_machines", type=positive_int, default=1, help="machines the phases will be launched on")
+    p.add_argument("--machine_rank", type=int, default=0, help="this machine's rank (0 = the main machine)")
+    p.add_argument("--main_process_ip", default=None, help="the main machine's address (several machines)")
+    p.add_argument("--main_process_port", type=int, default=None, help="the main machine's port (several machines)")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then the flags of `edittuner train`")
     _command(sub, "sample", cmd_sample, "edit an image (or every row of a dataset JSON) with the base model and an "
              "optional LoRA", SampleConfig)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 
 import torch
@@ -40,8 +41,15 @@ def lora_module_names(dit: torch.nn.Module, targets: tuple[str, ...], family=Non
     names = (family or family_of(None)).lora_module_names(dit, targets)
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
-        raise EditTunerError(f"--lora_targets: {unmatched} match no Linear layer of the DiT")
+        raise EditTunerError(f"--lora_targets: {unmatched} match no Linear layer of the DiT; its layers inside a "
+                             f"block are named {', '.join(_block_linear_names(dit))}")
     return names
+
+
+def _block_linear_names(dit: torch.nn.Module) -> list[str]:
+    """The DiT's Linear layer names with the block prefix ("transformer_blocks.7.") cut: what a target can be."""
+    return sorted({re.sub(r"^.*?\.\d+\.", "", name) for name, module in dit.named_modules()
+                   if isinstance(module, torch.nn.Linear) and re.match(r"^.*?\.\d+\.", name)})
 
 
 def inject_lora(dit: torch.nn.Module, targets: tuple[str, ...], rank: int, alpha: float, family=None) -> list[str]:

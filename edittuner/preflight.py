@@ -50,6 +50,25 @@ def check_cache_folder(cache_dir: Path) -> None:
             pass
 
 
+def check_machines(num_processes: int, num_machines: int, machine_rank: int, main_process_ip: str | None,
+                   main_process_port: int | None) -> None:
+    """Several machines: accelerate starts num_processes / num_machines processes on each, all meeting the main
+    machine's address; a rank, count or port that cannot work is refused here rather than by a rendezvous that
+    waits forever."""
+    if num_machines == 1:
+        return
+    if num_processes % num_machines:
+        raise EditTunerError(f"--num_processes {num_processes} over --num_machines {num_machines}: the process count "
+                             "is over all machines together and must split evenly (e.g. 8 GPUs x 2 machines = 16)")
+    if not 0 <= machine_rank < num_machines:
+        raise EditTunerError(f"--machine_rank {machine_rank}: must be 0 (the main machine) to {num_machines - 1}")
+    if not main_process_ip:
+        raise EditTunerError(f"--main_process_ip: several machines (--num_machines {num_machines}) need the main "
+                             "machine's address (the launchers' MAIN_PROCESS_IP), the same on every machine")
+    if main_process_port is not None and not 1 <= main_process_port <= 65535:
+        raise EditTunerError(f"--main_process_port {main_process_port}: must be a port number from 1 to 65535")
+
+
 def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
                  accelerate_config: str | os.PathLike | None = None) -> None:
     """Phase 1's refusals (dataset and validation JSONs, cache folder, encoder files) and phase 2's

@@ -29,7 +29,8 @@ from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_r
 from .configs import DEFAULT_VALIDATION_STEPS, SamplerConfig, TrainConfig
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
 from .errors import EditTunerError
-from .lora import inject_lora, load_lora_file, lora_parameters, lora_state_dict, save_lora, set_lora_state
+from .lora import (inject_lora, load_lora_file, lora_module_names, lora_parameters, lora_state_dict, save_lora,
+                   set_lora_state)
 from .objectives import OBJECTIVES, Objective
 from .performance import attention_backend, check_levers, load_device, place_dit, prepare_base
 from .sampling import sample_edit_latents, validation_grid
@@ -292,12 +293,21 @@ def check_train(cfg: TrainConfig) -> None:
     with run_folder(cfg, dry_run=True):
         pass
     cfg.model.check(("transformer",))
+    check_lora_targets(cfg)
     mixed = resolve_mixed(cfg)
     deepspeed_config = deepspeed_settings(cfg, mixed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_levers(cfg.performance, device, torch.bfloat16 if mixed == "bf16" else torch.float32,
                  zero_stage=deepspeed_config["zero_optimization"]["stage"] if deepspeed_config else None,
                  batch_size=cfg.batch_size, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def check_lora_targets(cfg: TrainConfig) -> None:
+    """A --lora_targets list other than the preset's selects a Linear layer for each name, checked on the DiT's
+    modules on the meta device (its config alone), so a typo in LORA_TARGETS fails before phase 1."""
+    family = cfg.spec.family
+    if cfg.lora_targets != family.presets[cfg.spec.preset.name].lora_targets:
+        lora_module_names(family.dit_skeleton(cfg.model), cfg.lora_targets, family)
 
 
 def deepspeed_settings(cfg: TrainConfig, mixed: str) -> dict | None:

@@ -50,6 +50,11 @@ RESUME="${RESUME:-}"
 # The tiny demo replaces its own earlier run when OUTPUT_DIR is the default (announced); real runs never do unless asked.
 if [ -z "$MODEL_DIR" ] && [ "$OUTPUT_DIR" = "train/${NAME}_lora" ]; then OVERWRITE="${OVERWRITE:-on}"; else OVERWRITE="${OVERWRITE:-off}"; fi
 NUM_PROCESSES="${NUM_PROCESSES:-1}"; SEED="${SEED:-0}"; BATCH_SIZE="${BATCH_SIZE:-1}"
+# Several machines: run the launcher on each with the same variables but MACHINE_RANK; NUM_PROCESSES counts all.
+NUM_MACHINES="${NUM_MACHINES:-1}"; MACHINE_RANK="${MACHINE_RANK:-0}"
+MACHINES=(--num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK")
+[ -z "${MAIN_PROCESS_IP:-}" ] || MACHINES+=(--main_process_ip "$MAIN_PROCESS_IP")
+[ -z "${MAIN_PROCESS_PORT:-}" ] || MACHINES+=(--main_process_port "$MAIN_PROCESS_PORT")
 export WANDB_PROJECT="${WANDB_PROJECT:-qwen-image}"
 export WANDB_NAME="${WANDB_NAME:-$(basename "$OUTPUT_DIR")}"
 # Speed and memory levers (BENCHMARKS.md says when to use each).
@@ -70,7 +75,7 @@ to PHASE1 "${SHARED[@]}" DATASET_JSON:dataset_json VALIDATION_JSON:validation_js
 to PHASE2 "${SHARED[@]}" OUTPUT_DIR:output_dir STEPS:max_steps LR:learning_rate RANK:rank SEED:seed \
   GRAD_ACCUM:gradient_accumulation SAVE_EVERY:save_every BATCH_SIZE:batch_size RESUME:resume OBJECTIVE:objective \
   OPTIMIZER:optimizer ATTENTION:attention COMPILE:compile BASE_QUANTIZATION:base_quantization \
-  OFFLOAD_BLOCKS:offload_blocks
+  OFFLOAD_BLOCKS:offload_blocks LORA_TARGETS:lora_targets
 case "$OVERWRITE" in   # a switch, not a value: no flag of edittuner can check it
   on) PHASE2+=(--overwrite);; off) ;; *) echo "${NAME}.sh: error: OVERWRITE=$OVERWRITE must be on or off" >&2; exit 2;;
 esac
@@ -91,12 +96,15 @@ PHASE2+=("$@")
 
 # Both phases' checks (every flag and file, the folders, the model folder, the levers on this machine) first.
 export EDITTUNER_LAUNCHER="${NAME}.sh"
-export EDITTUNER_VARIABLES="${VARIABLES}ACCELERATE_CONFIG=--accelerate_config NUM_PROCESSES=--num_processes"
+export EDITTUNER_VARIABLES="${VARIABLES}ACCELERATE_CONFIG=--accelerate_config NUM_PROCESSES=--num_processes \
+NUM_MACHINES=--num_machines MACHINE_RANK=--machine_rank MAIN_PROCESS_IP=--main_process_ip \
+MAIN_PROCESS_PORT=--main_process_port"
 "$PYTHON" -m edittuner check --accelerate_config "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" \
-  "${PHASE1[@]}" -- "${PHASE2[@]}"
+  "${MACHINES[@]}" "${PHASE1[@]}" -- "${PHASE2[@]}"
 
 # edittuner.launch is accelerate's launcher keeping the workers' exit status (2 for a clear error) and no traceback.
-LAUNCH=("$PYTHON" -m edittuner.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES" -m edittuner)
+LAUNCH=("$PYTHON" -m edittuner.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES"
+        "${MACHINES[@]}" -m edittuner)
 echo "== phase 1: encoding $DATASET_JSON into $CACHE_DIR"
 "${LAUNCH[@]}" precompute "${PHASE1[@]}"
 

@@ -278,3 +278,39 @@ def test_sigkill_mid_run_then_resume_latest_equals_an_uninterrupted_run(demo_cac
         assert (a["loss"], a["lr"], a["grad_norm"]) == (b["loss"], b["lr"], b["grad_norm"]), (a, b)
     a, b = load_file(reference / "lora.safetensors"), load_file(out / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _launcher(tmp_path: Path, name: str, **env) -> subprocess.Popen:
+    """The 2511 launcher on the tiny model; cache and run folders per ``name`` (shared by its machines)."""
+    base = {"DATASET_JSON": str(tmp_path / "demo/dataset.json"), "VALIDATION_JSON": "", "STEPS": "6",
+            "CACHE_DIR": str(tmp_path / f"cache-{name}"), "OUTPUT_DIR": str(tmp_path / f"run-{name}"),
+            "RANK": "4", "PYTHON": sys.executable}
+    return subprocess.Popen(["bash", str(ROOT / "Qwen-Image-Edit-2511.sh")], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **ENV, **base, **env})
+
+
+def test_two_machines_on_loopback_run_both_phases_like_one_process(demo_dir, tmp_path):
+    """NUM_MACHINES / MACHINE_RANK / MAIN_PROCESS_IP / MAIN_PROCESS_PORT: two launchers ("machines" on 127.0.0.1,
+    one process each, sharing the cache and run folders as a network filesystem would) run phase 1 and phase 2
+    together and give the LoRA of one process with doubled accumulation."""
+    import shutil
+    shutil.copytree(demo_dir, tmp_path / "demo")
+    machines = {"NUM_MACHINES": "2", "NUM_PROCESSES": "2", "MAIN_PROCESS_IP": "127.0.0.1",
+                "MAIN_PROCESS_PORT": str(_free_port()), "GRAD_ACCUM": "1"}
+    procs = [_launcher(tmp_path, "two", MACHINE_RANK=str(rank), **machines) for rank in (0, 1)]
+    procs.append(_launcher(tmp_path, "one", NUM_PROCESSES="1", GRAD_ACCUM="2"))
+    try:
+        outputs = [_finish(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert "phase 1: encoded" in outputs[0] and "phase 1: encoded" not in outputs[1]   # the main machine reports
+    config = json.loads((tmp_path / "run-two/config.json").read_text())
+    assert config["resolved"]["processes"] == 2
+    _assert_same_cache(tmp_path / "cache-one", tmp_path / "cache-two")
+    a, b = load_file(tmp_path / "run-one/lora.safetensors"), load_file(tmp_path / "run-two/lora.safetensors")
+    assert a.keys() == b.keys() and any(a[k].abs().max() > 1e-4 for k in a if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)

@@ -69,6 +69,13 @@ def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
     ({"BASE_QUANTIZATION": "int4"}, "BASE_QUANTIZATION=int4 (--base_quantization): invalid choice: 'int4'"),
     ({"BASE_QUANTIZATION": "fp8"}, "BASE_QUANTIZATION=fp8 (--base_quantization): --base_quantization fp8: fp8 "
                                    "weights need a CUDA GPU"),
+    ({"LORA_TARGETS": "to_q,to_qq"}, "LORA_TARGETS=to_q,to_qq (--lora_targets): --lora_targets: ['to_qq'] match no "
+                                     "Linear layer of the DiT; its layers inside a block are named attn.add_k_proj"),
+    ({"NUM_MACHINES": "2", "NUM_PROCESSES": "3", "MAIN_PROCESS_IP": "127.0.0.1"},
+     "NUM_PROCESSES=3 (--num_processes): --num_processes 3 over --num_machines 2: the process count is over all"),
+    ({"NUM_MACHINES": "2", "NUM_PROCESSES": "2", "MACHINE_RANK": "2", "MAIN_PROCESS_IP": "127.0.0.1"},
+     "MACHINE_RANK=2 (--machine_rank): --machine_rank 2: must be 0 (the main machine) to 1"),
+    ({"NUM_MACHINES": "2", "NUM_PROCESSES": "2"}, "--main_process_ip: several machines (--num_machines 2) need"),
     ({"OFFLOAD_BLOCKS": "on"}, "OFFLOAD_BLOCKS=on (--offload_blocks): --offload_blocks: block offload keeps the "
                                "frozen weights in host memory"),
 ])

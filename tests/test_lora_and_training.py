@@ -135,3 +135,23 @@ def test_data_order_is_a_permutation_per_epoch():
 def test_out_of_range_training_flags(tmp_path, field, value, message):
     with pytest.raises(EditTunerError, match=message):
         TrainConfig(cache_dir=tmp_path, output_dir=tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("version, wider", [("2511", ("to_q", "img_mlp.net.0.proj", "txt_mlp.net.0.proj")),
+                                             ("longcat", ("to_q", "ff.net.0.proj", "proj_mlp"))])
+def test_lora_targets_are_checked_on_the_meta_skeleton_before_any_load(tmp_path, version, wider):
+    """`train --dry_run` (the launchers' check) refuses a target matching no Linear layer of the family's DiT,
+    from its config alone, and takes a wider list that matches (the same layers as on the real DiT)."""
+    from edittuner.configs import TrainConfig
+    from edittuner.families import family_of
+    from edittuner.models import ModelSource
+    from edittuner.trainer import check_lora_targets
+
+    def config(targets):
+        return TrainConfig(cache_dir=tmp_path / "c", output_dir=tmp_path / "r", model_version=version,
+                           lora_targets=targets, model=ModelSource(family=family_of(version).name))
+    check_lora_targets(config(wider))
+    skeleton = config(wider).spec.family.dit_skeleton(config(wider).model)
+    assert all(p.is_meta for p in skeleton.parameters())
+    with pytest.raises(EditTunerError, match=r"\['to_qq'\] match no Linear layer of the DiT; its layers inside"):
+        check_lora_targets(config(("to_q", "to_qq")))

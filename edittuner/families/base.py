@@ -126,6 +126,11 @@ class Family(ABC):
     def load_dit(self, source: "ModelSource", dtype, device) -> "torch.nn.Module": ...
 
     @abstractmethod
+    def dit_skeleton(self, source: "ModelSource") -> "torch.nn.Module":
+        """The DiT's modules on the meta device, from its config alone (no weights read): what a --lora_targets
+        list is checked against before phase 1."""
+
+    @abstractmethod
     def load_encoders(self, source: "ModelSource", dtype, device) -> Any: ...
 
     @abstractmethod

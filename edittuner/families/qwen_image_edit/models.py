@@ -96,6 +96,17 @@ class Encoders:
     fingerprint: str
 
 
+def dit_skeleton(source: ModelSource) -> EditDiT:
+    if source.is_tiny and not source.transformer_dir:
+        from .tiny import TINY_DIT
+        config = TINY_DIT
+    else:
+        check_model(source, ("transformer",))
+        config = read_json(source.folder("transformer") / "config.json")
+    with torch.device("meta"):
+        return EditDiT.from_config(config)
+
+
 def load_dit(source: ModelSource, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> EditDiT:
     check_model(source, ("transformer",))
     folder = source.folder("transformer")
