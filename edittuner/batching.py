@@ -1,7 +1,11 @@
 """Batches of cached samples: which samples can share one forward (same latent shapes) and in what groups.
 
 A micro-step's samples are split into groups whose target and every reference share latent shapes; each group
-goes through the family's denoiser as one batch (a batch of one included)."""
+goes through the family's denoiser as one batch (a batch of one included).
+
+A ref_gt's shape is not part of the key: only the LBM sub stream with --sub_stream_target ref_gt uses it, and
+only for the draws that take that stream, so keying on it would split batches that never need it. Those draws'
+latents have ref_gt's shape; ``objectives.bridge_matching_losses`` gives each latent shape its own forward."""
 
 from __future__ import annotations
 

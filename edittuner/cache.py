@@ -7,9 +7,14 @@ Per sample, ``samples/<id>.safetensors`` holds:
     ref.K           (C, h_k, w_k) VAE latents of reference K (K = 0, 1, 2)
     white           (C, h, w)  VAE latents of a pure-white image the size of the target (bridge training)
     mask            (1, h, w)  the edit mask on the latent grid, in [0, 1] (only when the row has one)
+    ref_gt          (C, h_g, w_g) VAE latents of the row's ref_gt image, sized as a target (only when it has one)
+    ref_gt_white    (C, h_g, w_g) VAE latents of a white image the size of ref_gt (the sub stream's start for it)
     negative_prompt_emb (L', D) only in ``validation/``: the CFG negative prompt, encoded with the references
 Its safetensors metadata carries the sample's manifest record, so the manifest can always be rebuilt
 from the files, and a re-run skips every sample whose sources still hash the same.
+The manifest says ``ref_gt_encoded``: written by a phase 1 that encodes ref_gt (an older manifest lacks it, and
+``--sub_stream_target ref_gt`` refuses it; a re-run of phase 1 keeps the files of rows without a ref_gt, whose
+tensors and source hashes are unchanged, and encodes the rows that have one).
 The manifest's copy of each record adds ``file_sha256``, the sha256 of the cache file's bytes as phase 1 wrote
 them: ``CacheReader.load`` checks it (once per file per process) and a re-run re-encodes a file that no longer
 matches it.
@@ -68,10 +73,15 @@ def sha256_file(path: Path) -> str:
 
 
 def source_hashes(sample: Sample) -> dict:
-    return {"prompt": hashlib.sha256(sample.prompt.encode()).hexdigest(),
-            "image": sha256_file(sample.image),
-            "edit_image": [sha256_file(p) for p in sample.edit_images],
-            "back_mask": sha256_file(sample.mask) if sample.mask else None}
+    hashes = {"prompt": hashlib.sha256(sample.prompt.encode()).hexdigest(),
+              "image": sha256_file(sample.image),
+              "edit_image": [sha256_file(p) for p in sample.edit_images],
+              "back_mask": sha256_file(sample.mask) if sample.mask else None}
+    # Only a row with a ref_gt names it: a row without one hashes as before ref_gt was encoded, so its file is
+    # reused, while a file encoded without the row's ref_gt (or with another one) no longer matches.
+    if sample.ref_gt is not None:
+        hashes["ref_gt"] = sha256_file(sample.ref_gt)
+    return hashes
 
 
 def sample_filename(sample_id: str) -> str:
@@ -163,6 +173,9 @@ def row_refusal(sample: Sample, resize: ResizeConfig, encoder, model_version: st
             fitted = fit_size(info.width, info.height, resize.ref_max_pixels or resize.max_pixels, resize.multiple)
             check_aspect_ratio(*encoder.vision_size(*fitted),
                                f"{what} ({info.width}x{info.height}) {encoder.vision_note()}")
+        if sample.ref_gt is not None:
+            info = probe_image(sample.ref_gt)
+            check_aspect_ratio(info.width, info.height, f"ref_gt {sample.ref_gt}")
         if sample.mask is not None:
             mask = probe_image(sample.mask)
             if (mask.width, mask.height) != (target.width, target.height):
@@ -270,14 +283,18 @@ def _encode_todo(cfg: PrecomputeConfig, todo: list, state, dtype, encoder, progr
                                           disable=not progress):
         try:
             target, refs, mask = encoder.prepare(sample, cfg.resize)
+            ref_gt = encoder.prepare_ref_gt(sample, cfg.resize)
         except EditTunerError as exc:   # the header was fine, the pixels are not (truncated file, blank mask)
             refused.append({"row": row, "id": sample.id, "reason": str(exc)})
             continue
         tensors = encoder.encode(sample.prompt, target, refs, mask, cfg.negative_prompt)
+        if ref_gt is not None:
+            tensors.update(encoder.encode_ref_gt(ref_gt))
         tensors = {k: (v.to(dtype) if v.is_floating_point() and k != "mask" else v) for k, v in tensors.items()}
         record = {"id": sample.id, "file": f"samples/{path.name}", "prompt": sample.prompt,
                   "sources": {"image": str(sample.image), "edit_image": [str(p) for p in sample.edit_images],
-                              "back_mask": str(sample.mask) if sample.mask else None},
+                              "back_mask": str(sample.mask) if sample.mask else None,
+                              "ref_gt": str(sample.ref_gt) if sample.ref_gt else None},
                   "hashes": hashes, "target_size": list(target.size),
                   "shapes": {k: list(v.shape) for k, v in tensors.items()}}
         try:
@@ -360,7 +377,7 @@ def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], identity: dict,
         records.append(record)
     manifest = {"format": CACHE_FORMAT, "identity": identity, "model_version": cfg.model_version,
                 "model": cfg.model.describe(), "dtype": dtype, "dataset_json": str(Path(cfg.dataset_json).resolve()),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "samples": records}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ref_gt_encoded": True, "samples": records}
     write_json(cache_dir / MANIFEST, manifest)
     return manifest
 
@@ -431,6 +448,12 @@ class CacheReader:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def ref_gt_encoded(self) -> bool:
+        """Whether phase 1 encoded every row's ref_gt: an older manifest cannot tell a row without one from a row
+        whose ref_gt was not encoded."""
+        return bool(self.manifest.get("ref_gt_encoded"))
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
         """One sample's tensors. The first load of each file checks its bytes against the manifest's

@@ -37,6 +37,7 @@ BASE_QUANTIZATION = ("none", "int8", "fp8")
 OBJECTIVE_NAMES = ("flow", "lbm")   # objectives.OBJECTIVES registers one objective under each
 OPTIMIZERS = ("adamw", "prodigy_sf")
 BRIDGE_TIMESTEPS = ("uniform", "logit_normal", "discrete")
+SUB_STREAM_TARGETS = ("target", "ref_gt")   # what the LBM sub stream bridges the white image to
 BRIDGE_T_MAX = 1.0 - 1e-3  # keep (1 - t) away from 0, where the target's noise term sqrt(t/(1-t)) blows up
 SAMPLERS = ("flow", "bridge")
 DEFAULT_STEPS = {"flow": 30, "bridge": 1}
@@ -116,6 +117,10 @@ class BridgeConfig:
     sigma: float = field(default=0.01, metadata={"flag": "--bridge_sigma", "help": "bridge noise sigma (default 0.01)"})
     sub_stream_probability: float = field(default=0.1, metadata={"help": (
         "probability that a sample starts from the white image instead of the reference (default 0.1)")})
+    sub_stream_target: str = field(default="target", metadata={"choices": SUB_STREAM_TARGETS, "help": (
+        "where the sub stream bridges the white image to: the target (default), or the row's ref_gt image (a "
+        "rendering of the reference to reproduce from white; rows without one use the target, counted in "
+        "summary.json)")})
     timestep_sampling: str = field(default="discrete", metadata={
         "flag": "--bridge_timesteps", "choices": BRIDGE_TIMESTEPS,
         "help": "bridge-time sampling (default discrete: the paper's 4 equally spaced times)"})
@@ -137,6 +142,9 @@ class BridgeConfig:
             raise EditTunerError(f"--bridge_sigma {self.sigma}: must be in [0, 1]")
         if not 0 <= self.sub_stream_probability <= 1:
             raise EditTunerError(f"--sub_stream_probability {self.sub_stream_probability}: must be in [0, 1]")
+        if self.sub_stream_target not in SUB_STREAM_TARGETS:
+            raise EditTunerError(f"--sub_stream_target {self.sub_stream_target}: choose "
+                                 f"{' or '.join(SUB_STREAM_TARGETS)}")
         if self.timestep_sampling not in BRIDGE_TIMESTEPS:
             raise EditTunerError(f"--bridge_timesteps {self.timestep_sampling}: choose uniform, logit_normal or discrete")
         if (len(self.discrete_timesteps) != len(self.discrete_probabilities) or not self.discrete_timesteps

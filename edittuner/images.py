@@ -243,9 +243,19 @@ def mask_to_latent_grid(mask: Image.Image, size: tuple[int, int]):
     return torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None]
 
 
+def fit_target(image: Image.Image, resize: ResizeConfig) -> Image.Image:
+    """Size an image the model generates (the target, a ref_gt): the target's pixel budget and multiple."""
+    return resize_to(image, fit_size(*image.size, resize.max_pixels, resize.multiple))
+
+
 def prepare_images(sample, resize: ResizeConfig):
     """Decode and size a dataset row's target, references and mask exactly as phase 1 encodes them."""
-    target = load_rgb(sample.image)
-    target = resize_to(target, fit_size(*target.size, resize.max_pixels, resize.multiple))
+    target = fit_target(load_rgb(sample.image), resize)
     mask = load_mask(sample.mask) if sample.mask else None
     return target, load_references(sample.edit_images, resize), mask
+
+
+def prepare_ref_gt(sample, resize: ResizeConfig) -> Image.Image | None:
+    """A row's ref_gt image (None without one), sized as a target: it is what the LBM sub stream generates from a
+    white image with --sub_stream_target ref_gt, at its own size (not the target's: it renders the reference)."""
+    return fit_target(load_rgb(sample.ref_gt), resize) if getattr(sample, "ref_gt", None) else None

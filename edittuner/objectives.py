@@ -147,12 +147,18 @@ class BridgeDraw:
     z_t: torch.Tensor
     target: torch.Tensor
     with_references: bool  # whether the DiT sees the reference tokens for this draw
+    z1: torch.Tensor       # the endpoint: the target, or the sub stream's own (ref_gt)
+    to_sub_target: bool = False   # the sub stream bridging to its own endpoint, not the target
 
 
 def bridge_draw(z1: torch.Tensor, z_main: torch.Tensor, z_sub: torch.Tensor | None,
-                cfg: BridgeConfig = BridgeConfig()) -> BridgeDraw:
-    """Stream, bridge time and noise from the global RNG, in a fixed order (so a seed gives one draw)."""
+                cfg: BridgeConfig = BridgeConfig(), z_sub_target: torch.Tensor | None = None) -> BridgeDraw:
+    """Stream, bridge time and noise from the global RNG, in a fixed order (so a seed gives one draw).
+    ``z_sub_target``: where the sub stream goes instead of ``z1`` (ref_gt's latents; ``z_sub`` is then the white
+    image at its size); the draws are the same, the noise has the endpoint's shape."""
     use_sub = z_sub is not None and float(torch.rand(())) < cfg.sub_stream_probability
+    to_sub_target = use_sub and z_sub_target is not None
+    z1 = z_sub_target if to_sub_target else z1
     z0 = z_sub if use_sub else z_main
     if z0.shape != z1.shape:
         raise EditTunerError(f"LBM needs the start latent at the target's size: {tuple(z0.shape)} vs {tuple(z1.shape)}; "
@@ -162,47 +168,70 @@ def bridge_draw(z1: torch.Tensor, z_main: torch.Tensor, z_sub: torch.Tensor | No
     t_tensor = torch.tensor(t, dtype=torch.float32).to(z1)
     eps = torch.randn_like(z1)
     z_t = bridge_interpolant(z0, z1, t_tensor, cfg.sigma, eps)
-    return BridgeDraw(z0, t, z_t, bridge_target(z_t, z1, t_tensor), use_sub or cfg.main_stream_references)
+    return BridgeDraw(z0, t, z_t, bridge_target(z_t, z1, t_tensor), use_sub or cfg.main_stream_references, z1,
+                      to_sub_target)
 
 
-def _bridge_mse(prediction: torch.Tensor, draw: BridgeDraw, z1: torch.Tensor, cfg: BridgeConfig,
+def _bridge_mse(prediction: torch.Tensor, draw: BridgeDraw, cfg: BridgeConfig,
                 mask: torch.Tensor | None) -> torch.Tensor:
     target = draw.target
     if cfg.normalize_velocity:
-        scale = velocity_scale(draw.z0.float(), z1.float(), draw.t, cfg.sigma)
+        scale = velocity_scale(draw.z0.float(), draw.z1.float(), draw.t, cfg.sigma)
         prediction, target = prediction / scale, target / scale
     return weighted_mse(prediction, target, mask, cfg.weighting)
+
+
+def _forward_groups(draws: list[BridgeDraw]) -> list[list[int]]:
+    """Draws that share one forward: the same reference tokens (kept first, as before ref_gt) and latent shape."""
+    groups: dict[tuple, list[int]] = {}
+    for with_references in (True, False):
+        for i, d in enumerate(draws):
+            if d.with_references == with_references:
+                groups.setdefault((with_references, tuple(d.z_t.shape)), []).append(i)
+    return list(groups.values())
 
 
 def bridge_matching_losses(denoiser: Callable, z1s: list[torch.Tensor], z_mains: list[torch.Tensor],
                            z_subs: list[torch.Tensor | None], seeds: list[int], conditioning: dict,
                            cfg: BridgeConfig = BridgeConfig(),
-                           masks: list[torch.Tensor | None] | None = None, family: Family | None = None) -> torch.Tensor:
+                           masks: list[torch.Tensor | None] | None = None, family: Family | None = None,
+                           z_sub_targets: list[torch.Tensor | None] | None = None,
+                           conditioning_at: Callable[[tuple[int, int]], dict] | None = None) -> torch.Tensor:
     """Per-sample LBM losses (B,) of same-shape samples; ``conditioning`` is their collated conditioning by
     ``family`` (default: the default version's), which also splits it into rows and drops the references.
 
     Sample i draws its stream, bridge time and noise after ``torch.manual_seed(seeds[i])``, so each loss is that
-    sample's loss in a batch of one (up to float reassociation). Samples whose draw keeps the reference tokens share one forward, those that drop
-    them (main stream with --main_stream_references off) another: the two sequences differ in length."""
+    sample's loss in a batch of one (up to float reassociation). Samples whose draw keeps the reference tokens
+    share one forward, those that drop them (main stream with --main_stream_references off) another: the two
+    sequences differ in length. ``z_sub_targets[i]`` (ref_gt's latents, or None: the target) is where sample i's
+    sub stream goes, from ``z_subs[i]`` of its size; a draw of another latent size than the target runs in a
+    forward of its own, with ``conditioning_at(latent_hw)`` (the samples' conditioning for that output size), and
+    unmasked: the edit mask covers the target, not ref_gt."""
     draws = []
-    for z1, z_main, z_sub, seed in zip(z1s, z_mains, z_subs, seeds):
+    z_sub_targets = z_sub_targets or [None] * len(z1s)
+    for z1, z_main, z_sub, z_sub_target, seed in zip(z1s, z_mains, z_subs, z_sub_targets, seeds):
         torch.manual_seed(seed)
-        draws.append(bridge_draw(z1, z_main, z_sub, cfg))
+        draws.append(bridge_draw(z1, z_main, z_sub, cfg, z_sub_target))
     masks = masks or [None] * len(draws)
     losses: list[torch.Tensor | None] = [None] * len(draws)
     family = family or family_of(None)
-    for with_references in (True, False):
-        rows = [i for i, d in enumerate(draws) if d.with_references == with_references]
-        if not rows:
-            continue
-        part = conditioning if len(rows) == len(draws) else family.select_rows(conditioning, rows)
+    for rows in _forward_groups(draws):
+        with_references, z_t = draws[rows[0]].with_references, draws[rows[0]].z_t
+        if z_t.shape == z1s[rows[0]].shape:
+            full = conditioning
+        elif conditioning_at is None:
+            raise EditTunerError(f"bridge loss: a sub-stream endpoint of latent shape {tuple(z_t.shape)} needs "
+                                 "conditioning_at (the conditioning at that size)")
+        else:
+            full = conditioning_at(tuple(z_t.shape[-2:]))
+        part = full if len(rows) == len(draws) else family.select_rows(full, rows)
         if not with_references:
             part = family.without_references(part)
-        z1 = z1s[rows[0]]
-        timesteps = torch.cat([bridge_timestep_input(torch.tensor(draws[i].t), z1.dtype, z1.device) for i in rows])
+        timesteps = torch.cat([bridge_timestep_input(torch.tensor(draws[i].t), z_t.dtype, z_t.device) for i in rows])
         prediction = denoiser(latents=torch.cat([draws[i].z_t for i in rows]), timestep=timesteps, **part)
         for j, i in enumerate(rows):
-            losses[i] = _bridge_mse(prediction[j:j + 1], draws[i], z1s[i], cfg, masks[i])
+            mask = None if draws[i].to_sub_target else masks[i]
+            losses[i] = _bridge_mse(prediction[j:j + 1], draws[i], cfg, mask)
     return torch.stack(losses)
 
 
@@ -226,6 +255,14 @@ class Objective:
 
     def check_cache(self, reader) -> None:
         """Refuse a cache this objective cannot train on, before any work starts."""
+
+    def notes(self) -> list[str]:
+        """What the run should say once at its start about how it uses the cache (after ``check_cache``)."""
+        return []
+
+    def summary(self) -> dict:
+        """This objective's entries of summary.json beside the metrics (after ``check_cache``)."""
+        return {}
 
     def losses(self, denoiser: Callable, samples: list[dict], seeds: list[int], device, dtype,
                gradient_checkpointing: bool = False) -> torch.Tensor:
@@ -269,6 +306,11 @@ class LatentBridgeMatching(Objective):
     evaluation adds how far one bridge step lands from the target; previews run the bridge sampler."""
 
     name, settings_field = "lbm", "bridge"
+    fallback_rows: tuple | list = ()   # --sub_stream_target ref_gt: ids of the rows without one (check_cache)
+
+    @property
+    def to_ref_gt(self) -> bool:
+        return self.settings.sub_stream_target == "ref_gt"
 
     def check_cache(self, reader) -> None:
         for record in reader.records:
@@ -278,13 +320,42 @@ class LatentBridgeMatching(Objective):
                     f"--objective lbm: sample {record['id']!r} has its first reference at latent shape "
                     f"{shapes.get('ref.0')} but the target at {shapes['target']}; the bridge starts from the reference, "
                     "so both must match. Use same-size source/target pairs and the same pixel budget for both in phase 1.")
+        if self.to_ref_gt:
+            self._check_ref_gt(reader)
+
+    def _check_ref_gt(self, reader) -> None:
+        if not reader.ref_gt_encoded:
+            raise EditTunerError(
+                f"--sub_stream_target ref_gt: cache {reader.cache_dir} was made by a phase 1 that did not encode "
+                "ref_gt images; re-run `edittuner precompute` with the same flags on this --cache_dir (it keeps every sample "
+                "without a ref_gt and encodes the rows that have one), or train with --sub_stream_target target")
+        self.fallback_rows = [r["id"] for r in reader.records if "ref_gt" not in r["shapes"]]
+        if len(self.fallback_rows) == len(reader.records):
+            raise EditTunerError(
+                f"--sub_stream_target ref_gt: no sample of cache {reader.cache_dir} has a ref_gt image, so the sub "
+                "stream would bridge to the target everywhere; give rows a \"ref_gt\" (the raw folder's ref_gt/, "
+                "paired by stem) and re-run phase 1, or train with --sub_stream_target target")
+
+    def notes(self) -> list[str]:
+        if not self.to_ref_gt or not self.fallback_rows:
+            return []
+        shown = ", ".join(repr(i) for i in self.fallback_rows[:5]) + (" ..." if len(self.fallback_rows) > 5 else "")
+        return [f"--sub_stream_target ref_gt: {len(self.fallback_rows)} sample(s) have no ref_gt ({shown}); their "
+                "sub stream bridges white -> target (counted in summary.json as sub_stream_fallback_rows)"]
+
+    def summary(self) -> dict:
+        return {"sub_stream_fallback_rows": len(self.fallback_rows)} if self.to_ref_gt else {}
 
     def losses(self, denoiser, samples, seeds, device, dtype, gradient_checkpointing=False):
         conditioning = self.model.conditioning(samples, device, dtype, gradient_checkpointing)
-        return bridge_matching_losses(denoiser, _placed(samples, "target", device, dtype),
-                                      _placed(samples, "ref.0", device, dtype), _placed(samples, "white", device, dtype),
-                                      seeds, conditioning, self.settings, _placed(samples, "mask", device),
-                                      self.model.family)
+        # With ref_gt as the sub stream's endpoint, its start is the white image at ref_gt's size.
+        own = [self.to_ref_gt and "ref_gt" in s for s in samples]
+        sub_starts = [_placed([s], "ref_gt_white" if o else "white", device, dtype)[0] for s, o in zip(samples, own)]
+        sub_targets = _placed(samples, "ref_gt", device, dtype) if self.to_ref_gt else None
+        return bridge_matching_losses(
+            denoiser, _placed(samples, "target", device, dtype), _placed(samples, "ref.0", device, dtype), sub_starts,
+            seeds, conditioning, self.settings, _placed(samples, "mask", device), self.model.family, sub_targets,
+            lambda latent_hw: self.model.conditioning(samples, device, dtype, gradient_checkpointing, latent_hw))
 
     def evaluate(self, denoiser, samples, device, dtype, gradient_checkpointing, autocast):
         result = super().evaluate(denoiser, samples, device, dtype, gradient_checkpointing, autocast)

@@ -69,6 +69,17 @@ def check_machines(num_processes: int, num_machines: int, machine_rank: int, mai
         raise EditTunerError(f"--main_process_port {main_process_port}: must be a port number from 1 to 65535")
 
 
+def check_sub_stream_target(phase_2: TrainConfig, rows: list, dataset_json) -> None:
+    """LBM's sub stream bridging to ref_gt needs rows that have one (phase 2 counts the rest as falling back to
+    the target): a dataset without any is refused before phase 1 encodes it."""
+    if phase_2.objective == "lbm" and phase_2.bridge.sub_stream_target == "ref_gt" and \
+            not any(row.ref_gt for row in rows):
+        raise EditTunerError(
+            f"--sub_stream_target ref_gt: no row of {dataset_json} has a \"ref_gt\" image, so the sub stream would "
+            "bridge to the target everywhere; put the ref_gt images in the raw folder's ref_gt/ (paired by stem) and "
+            "regenerate the dataset JSON, or use --sub_stream_target target")
+
+
 def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
                  accelerate_config: str | os.PathLike | None = None) -> None:
     """Phase 1's refusals (dataset and validation JSONs, cache folder, encoder files) and phase 2's
@@ -78,6 +89,8 @@ def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
         deepspeed = deepspeed_config_file(accelerate_config) if accelerate_config else None
     with about("--dataset_json"):
         rows = load_dataset(phase_1.dataset_json, root=phase_1.data_root)
+    if phase_2 is not None:
+        check_sub_stream_target(phase_2, rows, phase_1.dataset_json)
     if phase_1.validation_json is not None:
         with about("--validation_json"):
             validation = load_dataset(phase_1.validation_json, root=phase_1.data_root)

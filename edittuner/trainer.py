@@ -6,6 +6,7 @@ same cache entry, timestep and noise, whatever the number of processes or where 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -220,6 +221,19 @@ def run_settings(cfg: TrainConfig, mixed: str, reader: CacheReader | None) -> di
     return {"fixed": fixed, "settings": {k: data[k] for k in RESUME_CHANGEABLE}}
 
 
+def _with_new_defaults(cfg: TrainConfig, name: str, saved):
+    """A checkpoint's nested settings (``bridge``, ``flow``) with the settings added since it was written at their
+    defaults, which is what it ran with (e.g. ``bridge.sub_stream_target`` = target)."""
+    current = getattr(cfg, name, None)
+    if not isinstance(saved, dict) or not dataclasses.is_dataclass(current):
+        return saved
+    try:
+        defaults = dataclasses.asdict(type(current)())
+    except (TypeError, EditTunerError):   # settings without defaults: compared as saved
+        return saved
+    return {**json.loads(json.dumps(defaults, default=str)), **saved}
+
+
 def check_resume_settings(resume_dir: Path, state: dict, cfg: TrainConfig, current: dict) -> list[str]:
     """Refuse a resume that changes what the checkpoint fixed, listing every difference at once; return the
     changes allowed (new lr, warm-up, weight decay, clipping), which apply from the next step."""
@@ -232,7 +246,7 @@ def check_resume_settings(resume_dir: Path, state: dict, cfg: TrainConfig, curre
         print(f"note: {resume_dir} was written before checkpoints recorded their settings; resuming unchecked")
         return []
     diffs = [f"{k}: checkpoint {json.dumps(saved.get(k))}, this run {json.dumps(v)}"
-             for k, v in current["fixed"].items() if k in saved and saved[k] != v]
+             for k, v in current["fixed"].items() if k in saved and _with_new_defaults(cfg, k, saved[k]) != v]
     if diffs:
         raise EditTunerError(f"--resume {resume_dir}: this run differs from the checkpoint in settings a resume cannot "
                              "change:\n  " + "\n  ".join(diffs) + "\nresume with the checkpoint's values, or start "
@@ -393,6 +407,8 @@ class TrainingRun:
                                   expected_model_version=cfg.model_version)
         self.objective = make_objective(cfg)
         self.objective.check_cache(self.reader)
+        for note in self.objective.notes() if runtime.is_main_process else ():
+            print(f"note: {note}")
         self.dtype = torch.bfloat16 if self.mixed == "bf16" else torch.float32
         self.dit, self.params, self.offload = build_model(cfg, runtime.device, self.dtype, runtime.zero_stage)
         optimizer, self.lr_schedule = make_optimizer(cfg, self.params)
@@ -542,7 +558,8 @@ class TrainingRun:
         lora_path = self.output_dir / "lora.safetensors"
         eval_end = self.evaluate()
         summary = {"steps": cfg.max_steps, "loss": self.last_loss, "lora": str(lora_path), "stopped": False,
-                   **{f"{k}_start": v for k, v in eval_start.items()}, **{f"{k}_end": v for k, v in eval_end.items()}}
+                   **{f"{k}_start": v for k, v in eval_start.items()}, **{f"{k}_end": v for k, v in eval_end.items()},
+                   **self.objective.summary()}
         with self.averaged_weights(), runtime.gathered(self.params):
             final_state = lora_state_dict(self.dit, cfg.rank, cfg.alpha)
         if runtime.is_main_process:

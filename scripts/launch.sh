@@ -82,9 +82,9 @@ esac
 if [ "$OBJECTIVE" = lbm ]; then
   BRIDGE_SIGMA="${BRIDGE_SIGMA:-0.01}"; SUB_STREAM_PROB="${SUB_STREAM_PROB:-0.1}"
   BRIDGE_TIMESTEPS="${BRIDGE_TIMESTEPS:-discrete}"; MAIN_STREAM_REFS="${MAIN_STREAM_REFS:-on}"
-  NORMALIZE_VELOCITY="${NORMALIZE_VELOCITY:-off}"
+  NORMALIZE_VELOCITY="${NORMALIZE_VELOCITY:-off}"; SUB_STREAM_TARGET="${SUB_STREAM_TARGET:-target}"
   to PHASE2 BRIDGE_SIGMA:bridge_sigma SUB_STREAM_PROB:sub_stream_probability BRIDGE_TIMESTEPS:bridge_timesteps \
-    MAIN_STREAM_REFS:main_stream_references NORMALIZE_VELOCITY:normalize_velocity
+    MAIN_STREAM_REFS:main_stream_references NORMALIZE_VELOCITY:normalize_velocity SUB_STREAM_TARGET:sub_stream_target
 fi
 if [ -n "$VALIDATION_JSON" ]; then
   to PHASE2 VALIDATION_STEPS:validation_steps VALIDATION_INFERENCE_STEPS:validation_inference_steps \

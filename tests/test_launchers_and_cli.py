@@ -62,6 +62,8 @@ def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
     ({"OBJECTIVE": "gan"}, "OBJECTIVE=gan (--objective): invalid choice: 'gan' (choose from 'flow', 'lbm')"),
     ({"OBJECTIVE": "lbm", "MAIN_STREAM_REFS": "maybe"},
      "MAIN_STREAM_REFS=maybe (--main_stream_references): 'maybe': use on or off"),
+    ({"OBJECTIVE": "lbm", "SUB_STREAM_TARGET": "ref_gt"},
+     "SUB_STREAM_TARGET=ref_gt (--sub_stream_target): --sub_stream_target ref_gt: no row of"),
     ({"ATTENTION": "fastest"}, "ATTENTION=fastest (--attention): invalid choice: 'fastest' (choose from 'auto', "
                                "'sdpa', 'flash', 'efficient', 'cudnn', 'math')"),
     ({"COMPILE": "yes please"}, "COMPILE=yes please (--compile): 'yes please': use on or off"),

@@ -157,6 +157,33 @@ def test_mask_keeps_the_known_latents_outside(encoder, pipe):
     assert not torch.allclose(out[~outside], known[~outside], atol=1e-2)
 
 
+def test_ref_gt_is_encoded_as_the_pipeline_encodes_images_and_bridged_at_its_size(encoder, pipe):
+    """ref_gt and the white image of its size: the pipeline's _encode_vae_image of the preprocessed image; the LBM
+    sub stream to a ref_gt of another size than the target runs LongCat's transformer at that size."""
+    from edittuner.configs import BridgeConfig
+    from edittuner.objectives import LatentBridgeMatching
+
+    rng = np.random.default_rng(1)
+    target, ref, ref_gt = (Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+                           for h, w in ((48, 64), (48, 64), (64, 32)))
+    sample = {**encoder.encode(PROMPT, target, [ref], None), **encoder.encode_ref_gt(ref_gt)}
+    for key, image in (("ref_gt", ref_gt), ("ref_gt_white", Image.new("RGB", ref_gt.size, "white"))):
+        pixels = pipe.image_processor.preprocess(image, image.height, image.width)
+        assert torch.equal(sample[key], pipe._encode_vae_image(pixels, generator=None)[0]), key
+    assert sample["ref_gt"].shape[-2:] == (8, 4) and sample["target"].shape[-2:] == (6, 8)
+    spec = model_spec("longcat")
+    objective = LatentBridgeMatching(BridgeConfig(sub_stream_probability=1.0, sub_stream_target="ref_gt"), spec)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"].shape),
+                                                      with_kwargs=True)
+    try:
+        with torch.no_grad():
+            loss = objective.losses(spec.family.denoiser(pipe.transformer), [sample], [0], "cpu", torch.float32)
+    finally:
+        hook.remove()
+    assert torch.isfinite(loss).all() and seen[0][1] == 4 * 2 + 3 * 4   # packed 2x2: ref_gt's tokens, the ref's
+
+
 def test_loss_is_the_flow_matching_target(cache_lc):
     """The denoiser's output is regressed on noise - x0 at x_sigma = (1 - sigma) x0 + sigma noise, sigma the
     timestep / 1000 of LongCat's shifted logit-normal schedule, each sample weighing 1."""

@@ -66,6 +66,10 @@ class SampleEncoder(Protocol):
 
     def prepare(self, sample: "Sample", resize: "ResizeConfig") -> tuple: ...
 
+    def prepare_ref_gt(self, sample: "Sample", resize: "ResizeConfig") -> "Image.Image | None": ...
+
+    def encode_ref_gt(self, image: "Image.Image") -> dict: ...
+
     def vision_size(self, width: int, height: int) -> tuple[int, int]: ...
 
     def vision_note(self) -> str: ...
@@ -83,7 +87,8 @@ class SampleEncoder(Protocol):
 
 class ImageSides:
     """The image side a family's SampleEncoder inherits: references and targets sized by the resize rules, the
-    mask on the 8x8 latent grid (``images.py``); ``pipe`` is what ``attach`` gives (None before)."""
+    mask on the 8x8 latent grid (``images.py``), a row's ref_gt and its latents (through the family's
+    ``encode_image``); ``pipe`` is what ``attach`` gives (None before)."""
 
     pipe: Any = None
 
@@ -94,6 +99,19 @@ class ImageSides:
     def prepare(self, sample: "Sample", resize: "ResizeConfig") -> tuple:
         from ..images import prepare_images
         return prepare_images(sample, resize)
+
+    def prepare_ref_gt(self, sample: "Sample", resize: "ResizeConfig") -> "Image.Image | None":
+        from ..images import prepare_ref_gt
+        return prepare_ref_gt(sample, resize)
+
+    def encode_ref_gt(self, image: "Image.Image") -> dict:
+        """``ref_gt``: the VAE latents of a row's ref_gt (sized by ``prepare_ref_gt``), and ``ref_gt_white``: those
+        of a white image its size, the start of the sub stream that bridges to it (the cache's ``white`` has the
+        target's size, which a ref_gt need not share)."""
+        from PIL import Image
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        return {"ref_gt": self.encode_image(image).detach().to("cpu").contiguous(),
+                "ref_gt_white": self.encode_image(white).detach().to("cpu").contiguous()}
 
     def mask_to_latent_grid(self, mask: "Image.Image", size: tuple[int, int]) -> "torch.Tensor":
         from ..images import mask_to_latent_grid
