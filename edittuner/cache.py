@@ -9,7 +9,9 @@ Per sample, ``samples/<id>.safetensors`` holds:
     mask            (1, h, w)  the edit mask on the latent grid, in [0, 1] (only when the row has one)
     ref_gt          (C, h_g, w_g) VAE latents of the row's ref_gt image, sized as a target (only when it has one)
     ref_gt_white    (C, h_g, w_g) VAE latents of a white image the size of ref_gt (the sub stream's start for it)
-    negative_prompt_emb (L', D) only in ``validation/``: the CFG negative prompt, encoded with the references
+    negative_prompt_emb (L', D) the CFG negative prompt, encoded with the references: always in ``validation/``
+                               (CFG previews), in ``samples/`` with ``--negative_prompts on`` (``--cfg_dropout``);
+                               the manifest's ``negative_prompt`` names it (null: not every sample has one)
 Its safetensors metadata carries the sample's manifest record, so the manifest can always be rebuilt
 from the files, and a re-run skips every sample whose sources still hash the same.
 The manifest says ``ref_gt_encoded``: written by a phase 1 that encodes ref_gt (an older manifest lacks it, and
@@ -119,6 +121,8 @@ def _existing_record(path: Path, content: dict, expected_file_sha256: str | None
     if not isinstance(hashes, dict):
         return None
     hashes = {"prompt_template": unnamed_template, **hashes}
+    if "negative_prompt" not in content:   # a sample cached with its negative serves a run that does not ask for it
+        hashes.pop("negative_prompt", None)
     return (record, file_sha256) if hashes == content else None
 
 
@@ -375,7 +379,9 @@ def write_manifest(cfg: PrecomputeConfig, samples: list[Sample], identity: dict,
             record = json.loads(f.metadata()["record"])
         record["file_sha256"] = file_hashes.get(record["file"]) or sha256_file(path)
         records.append(record)
+    negatives = {r["hashes"].get("negative_prompt") if "negative_prompt_emb" in r["shapes"] else None for r in records}
     manifest = {"format": CACHE_FORMAT, "identity": identity, "model_version": cfg.model_version,
+                "negative_prompt": negatives.pop() if len(negatives) == 1 else None,
                 "model": cfg.model.describe(), "dtype": dtype, "dataset_json": str(Path(cfg.dataset_json).resolve()),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ref_gt_encoded": True, "samples": records}
     write_json(cache_dir / MANIFEST, manifest)
@@ -454,6 +460,11 @@ class CacheReader:
         """Whether phase 1 encoded every row's ref_gt: an older manifest cannot tell a row without one from a row
         whose ref_gt was not encoded."""
         return bool(self.manifest.get("ref_gt_encoded"))
+
+    @property
+    def has_negative_prompts(self) -> bool:
+        """Whether every sample holds a negative_prompt_emb (what --cfg_dropout trains on)."""
+        return all("negative_prompt_emb" in r.get("shapes", {}) for r in self.records)
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
         """One sample's tensors. The first load of each file checks its bytes against the manifest's

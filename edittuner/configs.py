@@ -278,11 +278,18 @@ class PrecomputeConfig:
     validation_json: Path | None = field(default=None, metadata={"help": (
         "validation pairs (e.g. the generator's <dataset>_val.json), encoded into <cache_dir>/validation for phase "
         "2's previews")})
+    negative_prompts: bool = field(default=False, metadata={"help": (
+        "also encode each sample's CFG negative prompt with its references, which phase 2's --cfg_dropout trains on "
+        "(default off: it costs a second text-encoder pass per sample and about doubles the prompt storage; turning "
+        "it on re-encodes samples cached without it)")})
     negative_prompt: str | None = field(default=None, metadata={"cli": False})  # the validation cache's: CFG previews
     data_root: Path | None = field(default=None, metadata=DATA_ROOT_OPTION)
 
     def __post_init__(self):
         version_for(self.model, self.model_version)
+        if self.negative_prompts and self.negative_prompt is None:
+            # The negative `sample` and the previews use for CFG, so dropout trains the unconditional they query.
+            object.__setattr__(self, "negative_prompt", DEFAULT_NEGATIVE_PROMPT)
 
     @property
     def preset(self) -> Preset:
@@ -327,6 +334,12 @@ class TrainConfig:
     lora_targets: tuple[str, ...] | None = field(default=None, metadata={
         "type": name_list, "help": "comma-separated module suffixes (default from the preset)"})
     seed: int = field(default=0, metadata={"type": seed_int})
+    init_lora: Path | None = field(default=None, metadata={"help": (
+        "start from this LoRA file (ours, comfyui or diffusers layout; e.g. LBM from an SFT run's lora.safetensors): "
+        "its model version, rank and targets must be the run's; the optimizer starts fresh; --resume wins over it")})
+    cfg_dropout: float = field(default=0.0, metadata={"help": (
+        "probability that a training sample uses the negative prompt's embedding instead of its prompt (CFG "
+        "dropout; e.g. 0.1; default 0); needs a cache made with `precompute --negative_prompts on`")})
     save_every: int = field(default=defaults.SAVE_EVERY, metadata={
         "help": f"checkpoint every N steps (default {defaults.SAVE_EVERY})"})
     keep_last: int | None = field(default=None, metadata={"help": "keep only the newest K checkpoints"})
@@ -386,6 +399,7 @@ class TrainConfig:
                   (self.learning_rate > 0 and math.isfinite(self.learning_rate),
                    f"--learning_rate {self.learning_rate}: must be a positive number"),
                   (self.warmup_steps >= 0, f"--warmup_steps {self.warmup_steps}: must be >= 0"),
+                  (0 <= self.cfg_dropout <= 1, f"--cfg_dropout {self.cfg_dropout}: must be in [0, 1] (e.g. 0.1)"),
                   (1 <= self.rank <= 1024, f"--rank {self.rank}: must be between 1 and 1024"),
                   (self.alpha > 0, f"--alpha {self.alpha}: must be positive"),
                   (self.gradient_accumulation >= 1, f"--gradient_accumulation {self.gradient_accumulation}: must be >= 1"),
@@ -405,6 +419,9 @@ class TrainConfig:
             if not ok:
                 raise EditTunerError(message)
         check_seed(self.seed)
+        if self.init_lora is not None and self.resume is None and not Path(self.init_lora).is_file():
+            raise EditTunerError(f"--init_lora {self.init_lora}: no such file; name a LoRA file (e.g. "
+                                 "train/<run>/lora.safetensors)")   # here, not at load: the launchers' check is light
         try:  # checked now, not when the first preview is due (the objective picks the sampler then)
             SamplerConfig(steps=self.validation_inference_steps, guidance=self.validation_guidance)
         except EditTunerError as exc:

@@ -97,6 +97,10 @@ def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
     for model in (phase_1.model, phase_2.model) if phase_2 else (phase_1.model,):
         check_model_folders(model)
     check_cache_folder(phase_1.cache_dir)
+    if phase_2 is not None and phase_2.cfg_dropout > 0 and not phase_1.negative_prompts:
+        raise EditTunerError(f"--cfg_dropout {phase_2.cfg_dropout} trains on each sample's negative prompt, which phase 1 "
+                             "encodes only with --negative_prompts on: add it to phase 1's flags (the launchers do "
+                             "when CFG_DROPOUT is set)")
 
     from .cache import check_validation_overlap   # torch from here on
     if phase_1.validation_json is not None:

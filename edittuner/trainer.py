@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .batching import shape_groups
-from .cache import VALIDATION_SUBDIR, CacheReader
+from .cache import VALIDATION_SUBDIR, CacheReader, sha256_file
 from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_resume, save_state, write_checkpoint
 from .configs import DEFAULT_VALIDATION_STEPS, SamplerConfig, TrainConfig
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
 from .errors import EditTunerError
+from .init_lora import inspect_init_lora, load_init_lora
 from .lora import (inject_lora, load_lora_file, lora_module_names, lora_parameters, lora_state_dict, save_lora,
                    set_lora_state)
 from .objectives import OBJECTIVES, Objective
@@ -79,6 +80,21 @@ def sample_at(position: int, dataset_size: int, seed: int) -> int:
 
 def seed_for_position(seed: int, position: int) -> int:
     return (seed * 2_654_435_761 + position * 40_503 + 1) % (2**63 - 1)
+
+
+def cfg_dropped(seed: int, position: int, probability: float) -> bool:
+    """Whether the sample at global ``position`` trains on the negative prompt (--cfg_dropout): a uniform draw
+    that is a function of (seed, position) alone, so resume and N processes draw alike, and apart from the torch
+    RNG the noise and timesteps come from, so the other draws (and p = 0) are unchanged."""
+    if probability <= 0:
+        return False
+    digest = hashlib.blake2b(f"cfg_dropout:{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < probability
+
+
+def with_negative_prompt(sample: dict) -> dict:
+    """The sample conditioned on its negative prompt (encoded in phase 1 with the same references) instead."""
+    return {**sample, "prompt_emb": sample["negative_prompt_emb"]}
 
 
 class GracefulStop:
@@ -202,7 +218,7 @@ def check_resume_layout(resume_dir: Path, trainer_state: dict, runtime) -> None:
 # and the data order. The rest may change on resume; RESUME_CHANGEABLE are the ones the optimizer holds, and
 # they take effect from the next step (steps, saving, evaluation, previews and levers are read as the run goes).
 RESUME_FIXED = ("model_version", "rank", "alpha", "lora_targets", "zero_cond_t", "objective", "optimizer", "seed",
-                "gradient_accumulation", "batch_size", "flow", "bridge")
+                "gradient_accumulation", "batch_size", "flow", "bridge", "cfg_dropout")
 RESUME_CHANGEABLE = ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")
 
 
@@ -306,6 +322,8 @@ def check_train(cfg: TrainConfig) -> None:
     checkpoint and its settings, the model folder, DeepSpeed's config and the levers on this machine."""
     with run_folder(cfg, dry_run=True):
         pass
+    if cfg.init_lora is not None and cfg.resume is None:
+        inspect_init_lora(cfg)   # the header only: version, rank, recorded targets
     cfg.model.check(("transformer",))
     check_lora_targets(cfg)
     mixed = resolve_mixed(cfg)
@@ -383,6 +401,32 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, zero
     return dit, [p for _, p in lora_parameters(dit)], offload
 
 
+def check_negative_prompts(cfg: TrainConfig, reader: CacheReader) -> None:
+    """--cfg_dropout trains on each sample's negative prompt embedding: refuse a cache phase 1 made without them."""
+    if cfg.cfg_dropout > 0 and not reader.has_negative_prompts:
+        missing = sum("negative_prompt_emb" not in r.get("shapes", {}) for r in reader.records)
+        raise EditTunerError(
+            f"--cfg_dropout {cfg.cfg_dropout}: {missing} of the {len(reader)} samples in {cfg.cache_dir} have no "
+            "negative prompt embedding; re-run phase 1 with `edittuner precompute --negative_prompts on` and the same "
+            "flags (launchers: set CFG_DROPOUT, which turns it on), or pass --cfg_dropout 0")
+
+
+def start_from_lora(cfg: TrainConfig, dit: torch.nn.Module, main: bool) -> dict | None:
+    """--init_lora: the file's weights into the fresh adapters; returns its path and sha256 (the main process
+    hashes it) for config.json, the checkpoints and summary.json. --resume wins: the checkpoint holds the weights."""
+    if cfg.init_lora is None:
+        return None
+    if cfg.resume is not None:
+        if main:
+            print(f"--resume {cfg.resume} wins over --init_lora {cfg.init_lora}: the LoRA and the optimizer come from "
+                  "the checkpoint, the init LoRA is not loaded")
+        return None
+    info = load_init_lora(dit, cfg)
+    if main:
+        print(f"phase 2 starts from --init_lora {info.path} (rank {info.rank}; the optimizer starts fresh)")
+    return {"path": str(info.path.resolve()), "sha256": sha256_file(info.path) if main else None}
+
+
 def make_optimizer(cfg: TrainConfig, params: list[torch.Tensor]):
     """The optimizer and its lr schedule (linear warm-up, then constant)."""
     if cfg.optimizer == "prodigy_sf":
@@ -407,10 +451,13 @@ class TrainingRun:
                                   expected_model_version=cfg.model_version)
         self.objective = make_objective(cfg)
         self.objective.check_cache(self.reader)
+        check_negative_prompts(cfg, self.reader)
         for note in self.objective.notes() if runtime.is_main_process else ():
             print(f"note: {note}")
         self.dtype = torch.bfloat16 if self.mixed == "bf16" else torch.float32
         self.dit, self.params, self.offload = build_model(cfg, runtime.device, self.dtype, runtime.zero_stage)
+        # Before runtime.prepare: DDP starts every rank from these weights, ZeRO-3 partitions them.
+        self.init_lora = start_from_lora(cfg, self.dit, runtime.is_main_process)
         optimizer, self.lr_schedule = make_optimizer(cfg, self.params)
         # Schedule-free eval()/train() go to the unwrapped optimizer: accelerate's wrapper has not always forwarded them.
         self.schedule_free = optimizer if cfg.optimizer == "prodigy_sf" else None
@@ -457,6 +504,7 @@ class TrainingRun:
             if runtime.is_main_process:
                 print(f"resume from {resume_dir}: " + ", ".join(changes) + f" from step {trainer_state['step'] + 1}")
         self.start_step, self.run_id = trainer_state["step"], trainer_state.get("run_id", self.run_id)
+        self.init_lora = trainer_state.get("init_lora")   # what the resumed run started from, for its summary
         self.last_loss = self.last_loss if trainer_state.get("loss") is None else trainer_state["loss"]
 
     def save_checkpoint(self, step: int) -> Path | None:
@@ -468,7 +516,8 @@ class TrainingRun:
                 state = lora_state_dict(self.dit, cfg.rank, cfg.alpha)
             write_optimizer = runtime.save_optimizer(self.optimizer, staging)
         trainer_state = {"step": step, "seed": cfg.seed, "processes": runtime.num_processes,
-                         "zero_stage": runtime.zero_stage, "run_id": self.run_id, "loss": self.last_loss, **self.settings,
+                         "zero_stage": runtime.zero_stage, "run_id": self.run_id, "loss": self.last_loss,
+                         "init_lora": self.init_lora, **self.settings,
                          "lr_schedule": {k: v for k, v in self.lr_schedule.state_dict().items() if k != "lr_lambdas"}}
 
         def files(tmp: Path):
@@ -512,7 +561,7 @@ class TrainingRun:
         cfg, runtime = self.cfg, self.runtime
         start = time.perf_counter()
         world, rank, ga, batch = runtime.num_processes, runtime.process_index, cfg.gradient_accumulation, cfg.batch_size
-        total = torch.zeros((), device=runtime.device)
+        total, dropped = torch.zeros((), device=runtime.device), 0
         for micro in range(ga):
             # A micro-step takes batch_size consecutive global positions (batch 1: position k is micro-step k's),
             # split into groups of equal latent shapes, each group one forward.
@@ -520,6 +569,9 @@ class TrainingRun:
             positions = list(range(first, first + batch))
             indices = [sample_at(p, len(self.reader), cfg.seed) for p in positions]
             samples = [self.reader.load(i) for i in indices]
+            for k, position in enumerate(positions):
+                if cfg_dropped(cfg.seed, position, cfg.cfg_dropout):
+                    samples[k], dropped = with_negative_prompt(samples[k]), dropped + 1
             groups = shape_groups(samples)
             for g, group in enumerate(groups):
                 sync = micro == ga - 1 and g == len(groups) - 1
@@ -533,12 +585,14 @@ class TrainingRun:
         lr = self.lr_schedule.get_last_lr()[0]   # the lr this step used
         runtime.optimizer_step(self.optimizer)
         self.lr_schedule.step()
-        loss_and_stop = runtime.reduce(torch.stack([total / ga, torch.tensor(float(stop_requested),
-                                                                             device=total.device)]), "mean")
+        loss_and_stop = runtime.reduce(torch.stack([total / ga, torch.tensor(float(stop_requested), device=total.device),
+                                                    torch.tensor(float(dropped), device=total.device)]), "mean")
         self.last_loss = float(loss_and_stop[0])
         step_time = time.perf_counter() - start
         record = {"step": step + 1, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm,
                   "step_time_s": step_time, "samples_per_s": ga * world * batch / step_time}
+        if cfg.cfg_dropout > 0:   # samples of this step (all processes) that trained on the negative prompt
+            record["cfg_dropped"] = round(float(loss_and_stop[2]) * world)
         if self.schedule_free is not None:
             group = self.schedule_free.param_groups[0]
             record["d"], record["d_lr"] = group["d"], group["d"] * group["lr"]
@@ -550,7 +604,7 @@ class TrainingRun:
             write_json(self.output_dir / "config.json", {**self.cfg.to_json(), "resolved": {
                 "mixed_precision": self.mixed, "processes": self.runtime.num_processes,
                 "device": str(self.runtime.device), "performance": self.cfg.performance.describe(),
-                "cache_samples": len(self.reader), "lora_modules": len(self.params) // 2}})
+                "cache_samples": len(self.reader), "lora_modules": len(self.params) // 2, "init_lora": self.init_lora}})
 
     def finish(self, eval_start: dict) -> dict:
         """The final evaluation, the LoRA file (averaged weights, gathered) and summary.json."""
@@ -558,6 +612,7 @@ class TrainingRun:
         lora_path = self.output_dir / "lora.safetensors"
         eval_end = self.evaluate()
         summary = {"steps": cfg.max_steps, "loss": self.last_loss, "lora": str(lora_path), "stopped": False,
+                   "init_lora": self.init_lora,
                    **{f"{k}_start": v for k, v in eval_start.items()}, **{f"{k}_end": v for k, v in eval_end.items()},
                    **self.objective.summary()}
         with self.averaged_weights(), runtime.gathered(self.params):

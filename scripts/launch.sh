@@ -71,11 +71,14 @@ if [ -z "${ACCELERATE_CONFIG:-}" ]; then
   else ACCELERATE_CONFIG=accelerate_configs/ddp.yaml; fi
 fi
 
-to PHASE1 "${SHARED[@]}" DATASET_JSON:dataset_json VALIDATION_JSON:validation_json
+# CFG dropout trains on each sample's negative prompt: phase 1 encodes them when CFG_DROPOUT is above 0.
+if [[ ! "${CFG_DROPOUT:-0}" =~ ^0*\.?0*$ ]]; then NEGATIVE_PROMPTS="${NEGATIVE_PROMPTS:-on}"; fi
+
+to PHASE1 "${SHARED[@]}" DATASET_JSON:dataset_json VALIDATION_JSON:validation_json NEGATIVE_PROMPTS:negative_prompts
 to PHASE2 "${SHARED[@]}" OUTPUT_DIR:output_dir STEPS:max_steps LR:learning_rate RANK:rank SEED:seed \
   GRAD_ACCUM:gradient_accumulation SAVE_EVERY:save_every BATCH_SIZE:batch_size RESUME:resume OBJECTIVE:objective \
   OPTIMIZER:optimizer ATTENTION:attention COMPILE:compile BASE_QUANTIZATION:base_quantization \
-  OFFLOAD_BLOCKS:offload_blocks LORA_TARGETS:lora_targets
+  OFFLOAD_BLOCKS:offload_blocks LORA_TARGETS:lora_targets INIT_LORA:init_lora CFG_DROPOUT:cfg_dropout
 case "$OVERWRITE" in   # a switch, not a value: no flag of edittuner can check it
   on) PHASE2+=(--overwrite);; off) ;; *) echo "${NAME}.sh: error: OVERWRITE=$OVERWRITE must be on or off" >&2; exit 2;;
 esac

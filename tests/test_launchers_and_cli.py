@@ -78,6 +78,12 @@ def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
     ({"NUM_MACHINES": "2", "NUM_PROCESSES": "2", "MACHINE_RANK": "2", "MAIN_PROCESS_IP": "127.0.0.1"},
      "MACHINE_RANK=2 (--machine_rank): --machine_rank 2: must be 0 (the main machine) to 1"),
     ({"NUM_MACHINES": "2", "NUM_PROCESSES": "2"}, "--main_process_ip: several machines (--num_machines 2) need"),
+    ({"CFG_DROPOUT": "2"}, "CFG_DROPOUT=2 (--cfg_dropout): --cfg_dropout 2.0: must be in [0, 1]"),
+    ({"CFG_DROPOUT": "0.1", "NEGATIVE_PROMPTS": "off"}, "CFG_DROPOUT=0.1 (--cfg_dropout): --cfg_dropout 0.1 trains "
+                                                        "on each sample's negative prompt, which phase 1 encodes only "
+                                                        "with --negative_prompts on"),
+    ({"INIT_LORA": "/no/lora.safetensors"}, "INIT_LORA=/no/lora.safetensors (--init_lora): --init_lora "
+                                            "/no/lora.safetensors: no such file"),
     ({"OFFLOAD_BLOCKS": "on"}, "OFFLOAD_BLOCKS=on (--offload_blocks): --offload_blocks: block offload keeps the "
                                "frozen weights in host memory"),
 ])
