@@ -27,7 +27,7 @@ demo: install
 	./Qwen-Image-Edit-2511.sh   # makes data/demo on first use
 
 test: install
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --durations=25 tests
 
 bench: install
 	$(PY) -m benchmarks run

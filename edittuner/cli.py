@@ -1,4 +1,5 @@
-"""`edittuner` command line: dataset, precompute, train, check, sample, demo-data, export-lora. Bad input exits 2 with
+"""`edittuner` command line: dataset, precompute, train, check, sample, evaluate, plot, demo-data, export-lora. Bad input
+exits 2 with
 one message; under a launcher it names the launcher's variable that set the flag."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from itertools import groupby
 from pathlib import Path
 
-from .configs import PrecomputeConfig, SampleConfig, TrainConfig
+from .configs import EvaluateConfig, PrecomputeConfig, SampleConfig, TrainConfig
 from .dataset import GenerateConfig, generate_dataset_json
 from .errors import EditTunerError
 from .families import family_of
@@ -58,6 +59,23 @@ def cmd_train(args) -> None:
             evals += (f", 1-step bridge distance to target / source distance "
                       f"{result['bridge_1step_distance_ratio_start']:.3f} -> {result['bridge_1step_distance_ratio_end']:.3f}")
         print(f"phase 2: {result['steps']} steps{evals} -> {result['lora']}")
+        edits = edit_metrics_line(result)
+        if edits:
+            print(edits)
+
+
+def edit_metrics_line(summary: dict) -> str | None:
+    """The previews' edit metrics before and after training, from a run's summary, in one line."""
+    def pair(key, unit="", digits=2):
+        start, end = summary.get(f"val_{key}_start"), summary.get(f"val_{key}_end")
+        if end is None:
+            return None
+        return f"{'?' if start is None else f'{start:.{digits}f}'} -> {end:.{digits}f}{unit}"
+    parts = [(name, pair(key, unit, digits)) for name, key, unit, digits in (
+        ("PSNR", "psnr", " dB", 2), ("SSIM", "ssim", "", 4), ("L1 in mask", "l1_in_mask", "", 2),
+        ("L1 outside mask", "l1_outside_mask", "", 2), ("validation eval loss", "eval_loss", "", 4))]
+    parts = [f"{name} {value}" for name, value in parts if value]
+    return "validation edit metrics (before -> after; L1 in 8-bit levels): " + ", ".join(parts) if parts else None
 
 
 def cmd_check(args) -> None:
@@ -84,6 +102,22 @@ def cmd_sample(args) -> None:
                         f"{result.vae_roundoff_outside_mask:.2f}/255 on average"
                         + (" (source pixels kept there)" if cfg.sampler.keep_unmasked_pixels else ""))
         print(f"wrote {output} ({result.seconds:.1f} s){roundoff}")
+
+
+def cmd_evaluate(args) -> None:
+    from .metrics import evaluate_predictions
+    report = evaluate_predictions(from_args(EvaluateConfig, args))
+    print(report["table"], end="")
+    if report["ignored_files"]:
+        shown = ", ".join(report["ignored_files"][:5]) + (" ..." if len(report["ignored_files"]) > 5 else "")
+        print(f"note: {len(report['ignored_files'])} image(s) in {args.predictions} match no row's id and were left "
+              f"out: {shown}")
+    print(f"wrote {report['json']} and {report['markdown']}")
+
+
+def cmd_plot(args) -> None:
+    from .plots import plot_metrics
+    print(f"wrote {plot_metrics(Path(args.run_dir))}")
 
 
 def cmd_demo_data(args) -> None:
@@ -141,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then the flags of `edittuner train`")
     _command(sub, "sample", cmd_sample, "edit an image (or every row of a dataset JSON) with the base model and an "
              "optional LoRA", SampleConfig)
+
+    _command(sub, "evaluate", cmd_evaluate, "edit metrics (PSNR, SSIM, L1 inside / outside the edit mask) of a "
+             "folder of predictions against a dataset JSON's targets: JSON and a Markdown table", EvaluateConfig)
+    p = _command(sub, "plot", cmd_plot, "write <run_dir>/metrics.png from a training run's metrics.jsonl")
+    p.add_argument("run_dir", help="the --output_dir of a training run")
 
     p = _command(sub, "demo-data", cmd_demo_data, "make the demo raw folder and dataset JSON from scikit-image's "
                  "sample photos")

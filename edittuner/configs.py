@@ -372,6 +372,16 @@ class TrainConfig:
     validation_inference_steps: int | None = field(default=None, metadata={
         "help": "sampling steps of the previews (default: flow 20 with CFG, lbm 1 bridge step)"})
     validation_guidance: float = field(default=4.0, metadata={"help": "CFG scale of flow previews (default 4)"})
+    validation_at_start: bool = field(default=True, metadata={"help": (
+        "on/off: a fresh run also previews before its first step (validation/step-000000.png), the baseline of the "
+        "edit metrics' _start values in summary.json (default on)")})
+    ema_decay: float = field(default=0.0, metadata={"help": (
+        "keep an exponential moving average of the LoRA with this decay, e.g. 0.999 (diffusers' EMAModel "
+        "rule and warm-up), saved as lora_ema.safetensors and used for the previews; 0: off (default); refused "
+        "with prodigy_sf, whose averaged weights already are an average")})
+    ema_every: int = field(default=1, metadata={"help": "update the EMA every N optimizer steps (default 1)"})
+    ema_on_cpu: bool = field(default=False, metadata={"help": (
+        "on/off: keep the EMA in host memory instead of on the training device (default off)")})
     performance: PerformanceConfig = field(default_factory=PerformanceConfig, metadata={
         "group": "speed and memory (BENCHMARKS.md: when to use each)"})
 
@@ -391,6 +401,10 @@ class TrainConfig:
                                  "--optimizer prodigy_sf (it breaks Prodigy's step-size estimate); drop the flag")
         if schedule_free and self.warmup_steps:
             raise EditTunerError("--warmup_steps: prodigy_sf runs at a constant lr (schedule-free); drop the flag")
+        if schedule_free and self.ema_decay:
+            raise EditTunerError(f"--ema_decay {self.ema_decay}: refused with --optimizer prodigy_sf, whose averaged "
+                                 "(eval-mode) weights already are the averaged model, and what previews, checkpoints "
+                                 "and lora.safetensors use; drop --ema_decay, or train with --optimizer adamw")
         if self.learning_rate is None:
             self.learning_rate = 1.0 if schedule_free else 1e-4
         if self.max_grad_norm is None:
@@ -414,7 +428,9 @@ class TrainConfig:
                   (self.report_to in REPORT_TO, f"--report_to {self.report_to}: choose wandb, none or auto"),
                   (self.validation_steps is None or self.validation_steps >= 0,
                    f"--validation_steps {self.validation_steps}: must be >= 0 (0 disables previews)"),
-                  (self.validation_samples >= 1, f"--validation_samples {self.validation_samples}: must be >= 1")]
+                  (self.validation_samples >= 1, f"--validation_samples {self.validation_samples}: must be >= 1"),
+                  (0 <= self.ema_decay < 1, f"--ema_decay {self.ema_decay}: must be in [0, 1) (0: no EMA; e.g. 0.999)"),
+                  (self.ema_every >= 1, f"--ema_every {self.ema_every}: must be >= 1")]
         for ok, message in checks:
             if not ok:
                 raise EditTunerError(message)
@@ -436,3 +452,20 @@ class TrainConfig:
         data = asdict(self)
         return json.loads(json.dumps(data, default=str))
 
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`edittuner evaluate`: the edit metrics (metrics.py) of a folder of predictions against a dataset's targets."""
+
+    predictions: Path = field(metadata={"help": (
+        "folder of edited images, one per dataset row, matched by file stem == sample id (<id>.png, as "
+        "`edittuner sample --dataset_json` writes them); other image files are listed and ignored")})
+    dataset_json: Path = field(metadata={"help": "the rows' targets (\"image\") and edit masks (\"back_mask\")"})
+    out: Path | None = field(default=None, metadata={"help": (
+        "JSON report to write (default <predictions>/edit_metrics.json); the Markdown table goes beside it (.md)")})
+    data_root: Path | None = field(default=None, metadata=DATA_ROOT_OPTION)
+
+    def __post_init__(self):
+        if self.out is not None and Path(self.out).suffix.lower() != ".json":
+            raise EditTunerError(f"--out {self.out}: name a .json file (the Markdown table is written beside it as .md)")

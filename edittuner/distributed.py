@@ -120,11 +120,13 @@ class DeepSpeedRuntime:
     def wait_for_everyone(self) -> None:
         torch.distributed.barrier()
 
-    def gathered(self, params: list[torch.nn.Parameter]):
+    def gathered(self, params: list[torch.nn.Parameter], modify: bool = False):
+        """The full parameters on every rank inside the block (ZeRO-3 partitions them); ``modify``: what rank 0
+        writes into them is broadcast and partitioned again on exit (the other ranks' writes are dropped)."""
         if self.zero_stage != 3:
             return nullcontext()
         import deepspeed
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
     def save_optimizer(self, optimizer, staging: Path) -> Callable[[Path], None]:
         """Every rank writes its shard to ``staging`` now; the returned function (main process) moves the shards
@@ -195,7 +197,7 @@ class AccelerateRuntime:
     def wait_for_everyone(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def gathered(self, params):
+    def gathered(self, params, modify: bool = False):
         return nullcontext()
 
     def save_optimizer(self, optimizer, staging: Path) -> Callable[[Path], None]:

@@ -81,9 +81,14 @@ _A, _B, _ALPHA = ".lora_A.weight", ".lora_B.weight", ".alpha"
 
 def lora_state_dict(dit: torch.nn.Module, rank: int, alpha: float) -> dict[str, torch.Tensor]:
     """The adapters in our file format (scale folded into lora_B)."""
+    return lora_file_state(lora_parameters(dit), rank, alpha)
+
+
+def lora_file_state(named, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """(peft parameter name, tensor) pairs in our file format: the model's adapters or their EMA."""
     scale = alpha / rank
     state = {}
-    for name, param in lora_parameters(dit):
+    for name, param in named:
         key = name.replace(".default.weight", ".weight")
         value = param.detach().float().cpu()
         state[key] = (value * scale if ".lora_B." in key else value).contiguous()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
@@ -28,11 +29,14 @@ from .batching import shape_groups
 from .cache import VALIDATION_SUBDIR, CacheReader, sha256_file
 from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_resume, save_state, write_checkpoint
 from .configs import DEFAULT_VALIDATION_STEPS, SamplerConfig, TrainConfig
+from .images import load_mask, load_rgb, resize_to
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
 from .errors import EditTunerError
+from .ema import LoraEMA
 from .init_lora import inspect_init_lora, load_init_lora
 from .lora import (inject_lora, load_lora_file, lora_module_names, lora_parameters, lora_state_dict, save_lora,
                    set_lora_state)
+from .metrics import edit_metrics, mean_metrics
 from .objectives import OBJECTIVES, Objective
 from .performance import attention_backend, check_levers, load_device, place_dit, prepare_base
 from .sampling import sample_edit_latents, validation_grid
@@ -147,6 +151,7 @@ class ValidationPreviews:
         self.sampler = validation_sampler(cfg)
         self.folder = output_dir / "validation"
         self._fixed: dict[int, tuple] = {}
+        self._pixels: dict[int, tuple] = {}
 
     @classmethod
     def open(cls, cfg: TrainConfig, accelerator, dit, denoiser, dtype, output_dir: Path) -> "ValidationPreviews | None":
@@ -175,12 +180,45 @@ class ValidationPreviews:
             self._fixed[index] = (refs, decode(self.vae, sample["target"][None]))
         return self._fixed[index]
 
+    def _source_file(self, record: dict, field: str) -> Path | None:
+        """A dataset file phase 1 encoded for this pair (the cache records its path and sha256), if it is still
+        there unchanged; else None and one note (a moved file or a run on another machine)."""
+        path, expected = record.get("sources", {}).get(field), record.get("hashes", {}).get(field)
+        if not path or not expected:
+            return None
+        try:
+            if sha256_file(Path(path)) == expected:
+                return Path(path)
+        except OSError:
+            pass
+        print(f"note: validation pair {record['id']!r}: {path} is gone or changed since phase 1; its edit metrics "
+              "use the VAE's decode of the cached target (and the cached mask) instead")
+        return None
+
+    def target_pixels(self, index: int) -> tuple:
+        """Target and edit mask of pair ``index`` in pixels, for the edit metrics: the dataset's own files sized
+        as phase 1 sized them, or where they are gone, the decoded target latents and the latent-grid mask."""
+        if index not in self._pixels:
+            record, sample = self.reader.records[index], self.samples[index]
+            size = tuple(record["target_size"]) if "target_size" in record else self.fixed_images(index)[1].size
+            path = self._source_file(record, "image")
+            target = resize_to(load_rgb(path), size) if path else self.fixed_images(index)[1]
+            mask_path = self._source_file(record, "back_mask")
+            mask = load_mask(mask_path) if mask_path else None
+            if mask is None and "mask" in sample:   # coverage of each 8x8 latent cell, spread over its pixels
+                cells = (sample["mask"][0].float().clamp(0, 1).numpy() * 255).round().astype("uint8")
+                mask = Image.fromarray(cells, mode="L").resize(size, Image.Resampling.NEAREST)
+            self._pixels[index] = (target, mask)
+        return self._pixels[index]
+
     @torch.no_grad()
-    def write(self, step: int, tracker: Tracker | None) -> dict:
+    def write(self, step: int, tracker: Tracker | None, evaluate: Callable[[list], dict] | None = None) -> dict:
         """Sample every pair (every process runs the DiT, so sharded models stay in step); the main process
-        decodes and writes ``validation/step-N.png``. Returns the time it took, kept apart from step time."""
+        decodes, scores each output against its target (edit metrics) and writes ``validation/step-N.png`` and
+        ``step-N.json``. ``evaluate(samples)``: the fixed-noise loss on the validation pairs (every process).
+        Returns the metrics (``val_*``: the means over the pairs) and the time it took, kept apart from step time."""
         start = time.perf_counter()
-        rows = []
+        rows, scores = [], []
         with torch.random.fork_rng(devices=[]):
             for index, (sample, record) in enumerate(zip(self.samples, self.reader.records)):
                 # The version's switches as this run trains (--zero_cond_t may differ from the version's preset).
@@ -188,16 +226,30 @@ class ValidationPreviews:
                                               self.device, self.dtype, sample.get("negative_prompt_emb"),
                                               denoiser=self.denoiser)
                 if self.vae is not None:
-                    refs, target = self.fixed_images(index)
-                    rows.append((refs, self.cfg.spec.family.decode(self.vae, latents), target, record["prompt"]))
+                    refs, decoded_target = self.fixed_images(index)
+                    output = self.cfg.spec.family.decode(self.vae, latents)
+                    scores.append({"id": record["id"], **edit_metrics(output, *self.target_pixels(index))})
+                    rows.append((refs, output, decoded_target, f"{record['prompt']}   {_score_text(scores[-1])}"))
+            result = {f"val_{k}": v for k, v in evaluate(self.samples).items()} if evaluate else {}
         if self.vae is not None:
             path = self.folder / f"step-{step:06d}.png"
             self.folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 validation_grid(rows).save(tmp, format="PNG")
+            means = {f"val_{k}": v for k, v in mean_metrics(scores).items() if v is not None}
+            write_json(path.with_suffix(".json"), {"step": step, "pairs": scores, **result, **means})
+            result.update(means)
             if tracker:
                 tracker.log_image("validation", path, step, caption=f"step {step}: references | output | target")
-        return {"validation_time_s": time.perf_counter() - start}
+        return {**result, "validation_time_s": time.perf_counter() - start}
+
+
+def _score_text(score: dict) -> str:
+    """A pair's edit metrics for its grid row."""
+    parts = [f"PSNR {score['psnr']:.1f} dB", f"SSIM {score['ssim']:.3f}" if score["ssim"] is not None else ""]
+    if score["l1_in_mask"] is not None:
+        parts.append(f"L1 in/out of mask {score['l1_in_mask']:.1f}/{score['l1_outside_mask'] or 0:.1f}")
+    return "(" + ", ".join(p for p in parts if p) + ")"
 
 
 def check_resume_layout(resume_dir: Path, trainer_state: dict, runtime) -> None:
@@ -475,11 +527,55 @@ class TrainingRun:
                          "rank": str(cfg.rank), "alpha": str(cfg.alpha), "alpha_folded_into_lora_B": "true",
                          "target_modules": list(cfg.lora_targets), "zero_cond_t": str(cfg.zero_cond_t).lower()}
         self.eval_set = [self.reader.load(i) for i in range(min(cfg.eval_samples, len(self.reader)))]
+        self.ema = None
+        if cfg.ema_decay:
+            with runtime.gathered(self.params):
+                self.ema = LoraEMA(lora_parameters(self.dit), cfg.ema_decay, cfg.ema_every,
+                                   "cpu" if cfg.ema_on_cpu else runtime.device)
+        self.val_start: dict = {}   # the edit metrics before training (the step-0 preview), kept in checkpoints
 
     def averaged_weights(self) -> _ScheduleFreeEval:
         """Schedule-free optimizers train on an interpolation and keep the average apart: anything that reads the
         weights (evaluation, checkpoints, the final LoRA) must see the average."""
         return _ScheduleFreeEval(self.schedule_free, self.params)
+
+    @contextmanager
+    def preview_weights(self):
+        """The weights previews sample with: the EMA when on (every rank writes the same average, ZeRO-3 through
+        rank 0, and the training weights are put back bitwise), else the averaged weights (schedule-free) or the
+        training weights."""
+        if self.ema is None:
+            with self.averaged_weights():
+                yield
+            return
+        with self.runtime.gathered(self.params, modify=True):
+            kept = [p.detach().clone() for p in self.params]
+            self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            with self.runtime.gathered(self.params, modify=True), torch.no_grad():
+                for p, value in zip(self.params, kept):
+                    p.data.copy_(value)
+
+    def _resume_ema(self, resume_dir: Path) -> None:
+        """The EMA as the checkpoint left it (bitwise), or, from a checkpoint without one, started afresh at the
+        resumed weights."""
+        if not (resume_dir / "ema.safetensors").is_file():
+            with self.runtime.gathered(self.params):
+                self.ema.reset(self.params)
+            if self.runtime.is_main_process:
+                print(f"note: {resume_dir} holds no EMA; --ema_decay {self.cfg.ema_decay} starts from its weights")
+            return
+        state = load_state(resume_dir, "ema")
+        try:
+            self.ema.load_state_dict(state)
+        except ValueError:
+            raise EditTunerError(f"--resume {resume_dir}: its EMA (ema.safetensors) does not fit this run's LoRA; "
+                                 "the checkpoint is damaged: resume an earlier one") from None
+        if state.get("decay") != self.cfg.ema_decay and self.runtime.is_main_process:
+            print(f"resume from {resume_dir}: ema_decay {state.get('decay')} -> {self.cfg.ema_decay} from the next "
+                  "update")
 
     def resume(self, resume_dir: Path) -> None:
         cfg, runtime = self.cfg, self.runtime
@@ -496,6 +592,9 @@ class TrainingRun:
                 with torch.no_grad():
                     for p, kept in zip(self.params, load_state(resume_dir, "training_view")):
                         p.copy_(kept)
+        if self.ema is not None:
+            self._resume_ema(resume_dir)
+        self.val_start = trainer_state.get("val_start") or {}
         # The schedule's lambda is code, not state: load the counters only.
         self.lr_schedule.load_state_dict({**trainer_state["lr_schedule"],
                                           "lr_lambdas": [None] * len(self.optimizer.param_groups)})
@@ -517,7 +616,7 @@ class TrainingRun:
             write_optimizer = runtime.save_optimizer(self.optimizer, staging)
         trainer_state = {"step": step, "seed": cfg.seed, "processes": runtime.num_processes,
                          "zero_stage": runtime.zero_stage, "run_id": self.run_id, "loss": self.last_loss,
-                         "init_lora": self.init_lora, **self.settings,
+                         "init_lora": self.init_lora, **self.settings, "val_start": self.val_start,
                          "lr_schedule": {k: v for k, v in self.lr_schedule.state_dict().items() if k != "lr_lambdas"}}
 
         def files(tmp: Path):
@@ -525,6 +624,9 @@ class TrainingRun:
             write_optimizer(tmp)
             if view.training_view is not None:
                 save_state(tmp, "training_view", view.training_view)
+            if self.ema is not None:   # the file for users, and the exact fp32 state for a resume
+                save_lora(tmp / "lora_ema.safetensors", self.ema.file_state(cfg.rank, cfg.alpha), self.ema_metadata)
+                save_state(tmp, "ema", self.ema.state_dict())
             write_json(tmp / "trainer_state.json", trainer_state)
         path = None
         if runtime.is_main_process:
@@ -535,13 +637,31 @@ class TrainingRun:
         runtime.wait_for_everyone()
         return path
 
+    @property
+    def ema_metadata(self) -> dict:
+        return {**self.metadata, "ema_decay": str(self.cfg.ema_decay), "ema_every": str(self.cfg.ema_every)}
+
     def evaluate(self) -> dict:
         """The objective's fixed-seed metrics on the eval samples, on the averaged weights, RNG left untouched."""
         if not self.eval_set:
             return {}
-        with self.averaged_weights(), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            return self.objective.evaluate(self.denoiser, self.eval_set, self.runtime.device, self.dtype,
+        with self.averaged_weights():
+            return self.evaluate_on(self.eval_set)
+
+    @torch.no_grad()
+    def evaluate_on(self, samples: list[dict]) -> dict:
+        """The objective's fixed-seed metrics on ``samples``, on the weights as they are, RNG left untouched."""
+        with torch.random.fork_rng(devices=[]):
+            return self.objective.evaluate(self.denoiser, samples, self.runtime.device, self.dtype,
                                            self.cfg.gradient_checkpointing, self.runtime.autocast)
+
+    def preview(self, validation: ValidationPreviews, step: int, tracker: Tracker | None) -> dict:
+        """One preview with its metrics, on the preview weights; step 0's are the run's baseline (val_start)."""
+        with self.preview_weights():
+            record = validation.write(step, tracker, self.evaluate_on)
+        if step == 0:
+            self.val_start = {k: v for k, v in record.items() if k.startswith("val_")}
+        return record
 
     def group_losses(self, step: int, samples: list[dict], positions: list[int], indices: list[int]) -> torch.Tensor:
         """Per-sample losses of same-shape samples in one forward; each draws after its position's seed."""
@@ -585,6 +705,9 @@ class TrainingRun:
         lr = self.lr_schedule.get_last_lr()[0]   # the lr this step used
         runtime.optimizer_step(self.optimizer)
         self.lr_schedule.step()
+        if self.ema is not None and self.ema.due(step + 1):
+            with runtime.gathered(self.params):
+                self.ema.update(self.params)
         loss_and_stop = runtime.reduce(torch.stack([total / ga, torch.tensor(float(stop_requested), device=total.device),
                                                     torch.tensor(float(dropped), device=total.device)]), "mean")
         self.last_loss = float(loss_and_stop[0])
@@ -606,22 +729,39 @@ class TrainingRun:
                 "device": str(self.runtime.device), "performance": self.cfg.performance.describe(),
                 "cache_samples": len(self.reader), "lora_modules": len(self.params) // 2, "init_lora": self.init_lora}})
 
-    def finish(self, eval_start: dict) -> dict:
-        """The final evaluation, the LoRA file (averaged weights, gathered) and summary.json."""
+    def finish(self, eval_start: dict, last_preview: dict) -> dict:
+        """The final evaluation, the LoRA file (averaged weights, gathered), its EMA, summary.json (eval loss and
+        the previews' edit metrics at the start and the end) and metrics.png."""
         cfg, runtime = self.cfg, self.runtime
         lora_path = self.output_dir / "lora.safetensors"
         eval_end = self.evaluate()
+        val_end = {k: v for k, v in last_preview.items() if k.startswith("val_")}
         summary = {"steps": cfg.max_steps, "loss": self.last_loss, "lora": str(lora_path), "stopped": False,
                    "init_lora": self.init_lora,
-                   **{f"{k}_start": v for k, v in eval_start.items()}, **{f"{k}_end": v for k, v in eval_end.items()},
-                   **self.objective.summary()}
+                   **{f"{k}_start": v for k, v in {**eval_start, **self.val_start}.items()},
+                   **{f"{k}_end": v for k, v in {**eval_end, **val_end}.items()}, **self.objective.summary()}
         with self.averaged_weights(), runtime.gathered(self.params):
             final_state = lora_state_dict(self.dit, cfg.rank, cfg.alpha)
+        if self.ema is not None:
+            summary["lora_ema"] = str(self.output_dir / "lora_ema.safetensors")
         if runtime.is_main_process:
             save_lora(lora_path, final_state, self.metadata)
+            if self.ema is not None:
+                save_lora(summary["lora_ema"], self.ema.file_state(cfg.rank, cfg.alpha), self.ema_metadata)
             write_json(self.output_dir / "summary.json", summary)
+            write_plot(self.output_dir)
         runtime.wait_for_everyone()
         return summary
+
+
+def write_plot(output_dir: Path) -> None:
+    """metrics.png at the end of a run; a plot that fails costs a warning, never the trained LoRA."""
+    from .plots import plot_metrics
+    try:
+        plot_metrics(output_dir)
+    except Exception as exc:   # matplotlib's errors are many types; none should fail a finished run
+        print(f"warning: could not write {output_dir / 'metrics.png'} ({exc}); `edittuner plot {output_dir}` "
+              "tries again")
 
 
 def memory_record() -> dict:
@@ -643,6 +783,9 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
                           start_step=run.start_step, resumed=resume_dir is not None)
     validation = ValidationPreviews.open(cfg, runtime, run.dit, run.denoiser, run.dtype, run.output_dir)
     eval_start = run.evaluate()
+    last_preview: dict = {}
+    if validation and cfg.validation_at_start and run.start_step == 0:
+        last_preview = run.preview(validation, 0, tracker)
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc="phase 2", unit="step", disable=not (progress and main))
     stopped_early, done = False, run.start_step
     run.denoiser.train()
@@ -652,8 +795,8 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 record.update(run.evaluate())
             if validation and ((step + 1) % validation.every == 0 or step + 1 == cfg.max_steps):
-                with run.averaged_weights():
-                    record.update(validation.write(step + 1, tracker))
+                last_preview = run.preview(validation, step + 1, tracker)
+                record.update(last_preview)
             record.update(memory_record())
             if tracker:
                 tracker.log(record)
@@ -673,4 +816,4 @@ def _train(cfg: TrainConfig, progress: bool) -> dict:
             print(f"stopped at step {done}; checkpoint written. Resume with --resume latest "
                   f"(or --resume {run.output_dir / 'checkpoints' / f'step-{done}'})")
         return {"steps": done, "loss": run.last_loss, "lora": None, "stopped": True}
-    return run.finish(eval_start)
+    return run.finish(eval_start, last_preview)

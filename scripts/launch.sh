@@ -78,7 +78,8 @@ to PHASE1 "${SHARED[@]}" DATASET_JSON:dataset_json VALIDATION_JSON:validation_js
 to PHASE2 "${SHARED[@]}" OUTPUT_DIR:output_dir STEPS:max_steps LR:learning_rate RANK:rank SEED:seed \
   GRAD_ACCUM:gradient_accumulation SAVE_EVERY:save_every BATCH_SIZE:batch_size RESUME:resume OBJECTIVE:objective \
   OPTIMIZER:optimizer ATTENTION:attention COMPILE:compile BASE_QUANTIZATION:base_quantization \
-  OFFLOAD_BLOCKS:offload_blocks LORA_TARGETS:lora_targets INIT_LORA:init_lora CFG_DROPOUT:cfg_dropout
+  OFFLOAD_BLOCKS:offload_blocks LORA_TARGETS:lora_targets INIT_LORA:init_lora CFG_DROPOUT:cfg_dropout \
+  EMA_DECAY:ema_decay
 case "$OVERWRITE" in   # a switch, not a value: no flag of edittuner can check it
   on) PHASE2+=(--overwrite);; off) ;; *) echo "${NAME}.sh: error: OVERWRITE=$OVERWRITE must be on or off" >&2; exit 2;;
 esac

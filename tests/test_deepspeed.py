@@ -32,7 +32,8 @@ def _torchrun(*args, timeout=300):
 
 def test_zero3_on_two_ranks_equals_one_process_with_doubled_accumulation(demo_cache, resize, tmp_path):
     common = ["--max_steps", 4, "--learning_rate", 5e-3, "--rank", 4, "--max_pixels", TINY_PIXELS,
-              "--eval_samples", 0, "--report_to", "none", "--save_every", 2, "--gradient_checkpointing", "off"]
+              "--eval_samples", 0, "--report_to", "none", "--save_every", 2, "--gradient_checkpointing", "off",
+              "--ema_decay", 0.5]
     result = _torchrun("train", "--cache_dir", demo_cache, "--output_dir", tmp_path / "zero3", "--deepspeed_config",
                        ZERO3, "--gradient_accumulation", 1, *common)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -40,11 +41,14 @@ def test_zero3_on_two_ranks_equals_one_process_with_doubled_accumulation(demo_ca
     single = tmp_path / "single"
     train(TrainConfig(cache_dir=demo_cache, output_dir=single, resize=resize, max_steps=4, learning_rate=5e-3, rank=4,
                       gradient_accumulation=2, eval_samples=0, report_to="none", save_every=2,
-                      gradient_checkpointing=False), progress=False)
+                      gradient_checkpointing=False, ema_decay=0.5), progress=False)
     # Same samples in the same order (position = (step * ga + micro) * world + rank), same noise: same LoRA.
     zero3, ref = load_file(tmp_path / "zero3/lora.safetensors"), load_file(single / "lora.safetensors")
     assert zero3.keys() == ref.keys()
     assert max(float((zero3[k] - ref[k]).abs().max()) for k in ref) < 1e-5
+    # The EMA is of the gathered LoRA: the same average as one process keeps.
+    zero3_ema, ref_ema = load_file(tmp_path / "zero3/lora_ema.safetensors"), load_file(single / "lora_ema.safetensors")
+    assert max(float((zero3_ema[k] - ref_ema[k]).abs().max()) for k in ref) < 1e-5
     assert not all(torch.equal(zero3[k], load_file(tmp_path / "zero3/checkpoints/step-2/lora.safetensors")[k])
                    for k in zero3)  # the checkpoint is the gathered LoRA of step 2, not a placeholder
     got, want = read_metrics(tmp_path / "zero3/metrics.jsonl"), read_metrics(single / "metrics.jsonl")
@@ -73,7 +77,8 @@ def test_zero3_refuses_prodigy_and_bad_configs(demo_cache, tmp_path):
 def test_zero3_resume_from_per_rank_shards_is_exact(demo_cache, resize, tmp_path):
     common = ["--cache_dir", demo_cache, "--deepspeed_config", ZERO3, "--learning_rate", 5e-3, "--rank", 4,
               "--max_pixels", TINY_PIXELS, "--eval_samples", 0, "--report_to", "none", "--save_every", 3,
-              "--gradient_accumulation", 1, "--gradient_checkpointing", "off", "--warmup_steps", 4]
+              "--gradient_accumulation", 1, "--gradient_checkpointing", "off", "--warmup_steps", 4,
+              "--ema_decay", 0.5]
     whole, part = tmp_path / "whole", tmp_path / "part"
     runs = [_torchrun("train", "--output_dir", whole, "--max_steps", 6, *common),
             _torchrun("train", "--output_dir", part, "--max_steps", 3, *common)]
@@ -83,8 +88,9 @@ def test_zero3_resume_from_per_rank_shards_is_exact(demo_cache, resize, tmp_path
     assert not list((part / "checkpoints").glob(".*"))  # no staging folder left behind
     resumed = _torchrun("train", "--output_dir", part, "--max_steps", 6, "--resume", "latest", *common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_file(whole / "lora.safetensors"), load_file(part / "lora.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("lora.safetensors", "lora_ema.safetensors"):
+        a, b = load_file(whole / name), load_file(part / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
     got, want = read_metrics(part / "metrics.jsonl"), read_metrics(whole / "metrics.jsonl")
     assert [(m["loss"], m["lr"], m["grad_norm"]) for m in got] == [(m["loss"], m["lr"], m["grad_norm"]) for m in want]
     # A ZeRO checkpoint resumed without ZeRO is refused, naming how it was written.
