@@ -143,10 +143,13 @@ class Family(ABC):
     @abstractmethod
     def load_dit(self, source: "ModelSource", dtype, device) -> "torch.nn.Module": ...
 
-    @abstractmethod
     def dit_skeleton(self, source: "ModelSource") -> "torch.nn.Module":
         """The DiT's modules on the meta device, from its config alone (no weights read): what a --lora_targets
-        list is checked against before phase 1."""
+        list is checked against before phase 1. The family's ``models`` module gives ``dit_config(source)`` and
+        ``dit_skeleton(config)``, its ``tiny`` module ``TINY_DIT``."""
+        models = self._part("models")
+        tiny = source.is_tiny and not source.transformer_dir
+        return models.dit_skeleton(self._part("tiny").TINY_DIT if tiny else models.dit_config(source))
 
     @abstractmethod
     def load_encoders(self, source: "ModelSource", dtype, device) -> Any: ...

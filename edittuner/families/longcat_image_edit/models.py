@@ -117,15 +117,14 @@ def encoder_fingerprint(source: ModelSource) -> str | None:
     return "longcat-dir:" + "-".join(hash_folder(f) for f in folders)
 
 
-def dit_skeleton(source: ModelSource):
+def dit_config(source: ModelSource) -> dict:
+    check_model(source, ("transformer",))
+    return read_json(component_folder(source, "transformer") / "config.json")
+
+
+def dit_skeleton(config: dict):
     from diffusers import LongCatImageTransformer2DModel
 
-    if source.is_tiny and not source.transformer_dir:
-        from .tiny import TINY_DIT
-        config = TINY_DIT
-    else:
-        check_model(source, ("transformer",))
-        config = read_json(component_folder(source, "transformer") / "config.json")
     with torch.device("meta"):
         return LongCatImageTransformer2DModel.from_config(config)
 

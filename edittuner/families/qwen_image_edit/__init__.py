@@ -36,10 +36,6 @@ class QwenImageEdit(Family):
         from .models import load_dit
         return load_dit(source, dtype, device)
 
-    def dit_skeleton(self, source):
-        from .models import dit_skeleton
-        return dit_skeleton(source)
-
     def load_encoders(self, source, dtype, device):
         if source.uses_tiny_encoders:
             from .tiny import build_tiny_encoders

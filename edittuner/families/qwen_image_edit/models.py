@@ -96,13 +96,12 @@ class Encoders:
     fingerprint: str
 
 
-def dit_skeleton(source: ModelSource) -> EditDiT:
-    if source.is_tiny and not source.transformer_dir:
-        from .tiny import TINY_DIT
-        config = TINY_DIT
-    else:
-        check_model(source, ("transformer",))
-        config = read_json(source.folder("transformer") / "config.json")
+def dit_config(source: ModelSource) -> dict:
+    check_model(source, ("transformer",))
+    return read_json(source.folder("transformer") / "config.json")
+
+
+def dit_skeleton(config: dict) -> EditDiT:
     with torch.device("meta"):
         return EditDiT.from_config(config)
 
