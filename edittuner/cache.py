@@ -86,6 +86,27 @@ def source_hashes(sample: Sample) -> dict:
     return hashes
 
 
+def record_pixels(record: dict, resize: ResizeConfig):
+    """The pixels phase 1 encoded for a cache record, (target, references, mask) sized as it sized them, read from
+    the source files the record names; None when a file is gone or no longer hashes as it did then (a cache
+    moved to another machine, a dataset edited since), so a caller can fall back to the latents' round trip."""
+    from .images import prepare_images
+
+    sources = record.get("sources") or {}
+    try:
+        sample = Sample(id=record["id"], prompt=record.get("prompt", ""), image=Path(sources["image"]),
+                        edit_images=tuple(Path(p) for p in sources["edit_image"]),
+                        mask=Path(sources["back_mask"]) if sources.get("back_mask") else None)
+        hashes = record["hashes"]
+        if (sha256_file(sample.image) != hashes["image"]
+                or [sha256_file(p) for p in sample.edit_images] != hashes["edit_image"]
+                or (sha256_file(sample.mask) if sample.mask else None) != hashes.get("back_mask")):
+            return None
+        return prepare_images(sample, resize)
+    except (KeyError, TypeError, OSError, EditTunerError):
+        return None
+
+
 def sample_filename(sample_id: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in sample_id)[:80]
     # The hash keeps ids that differ only in unsafe characters apart.

@@ -72,7 +72,8 @@ def edit_metrics_line(summary: dict) -> str | None:
             return None
         return f"{'?' if start is None else f'{start:.{digits}f}'} -> {end:.{digits}f}{unit}"
     parts = [(name, pair(key, unit, digits)) for name, key, unit, digits in (
-        ("PSNR", "psnr", " dB", 2), ("SSIM", "ssim", "", 4), ("L1 in mask", "l1_in_mask", "", 2),
+        ("PSNR", "psnr", " dB", 2), ("SSIM", "ssim", "", 4), ("PSNR in mask", "psnr_in_mask", " dB", 2),
+        ("L1 in mask", "l1_in_mask", "", 2),
         ("L1 outside mask", "l1_outside_mask", "", 2), ("validation eval loss", "eval_loss", "", 4))]
     parts = [f"{name} {value}" for name, value in parts if value]
     return "validation edit metrics (before -> after; L1 in 8-bit levels): " + ", ".join(parts) if parts else None

@@ -26,7 +26,7 @@ from PIL import Image
 from .atomic import atomic_path, safe_filename, write_json
 from .errors import EditTunerError
 
-METRICS = ("psnr", "ssim", "l1", "l1_in_mask", "l1_outside_mask")
+METRICS = ("psnr", "ssim", "psnr_in_mask", "l1", "l1_in_mask", "l1_outside_mask")
 PREDICTION_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ASPECT_TOLERANCE = 0.05   # a prediction may differ from its target's aspect by the floor to a size multiple
 
@@ -68,8 +68,18 @@ def _weighted_l1(diff: np.ndarray, weights: np.ndarray) -> float | None:
     return float((diff.mean(axis=2) * weights).sum() / total) if total > 0 else None
 
 
+def _weighted_psnr(diff: np.ndarray, weights: np.ndarray) -> float | None:
+    """PSNR (dB, 8-bit peak) over the pixels ``weights`` marks: did the edited region come out like the target?"""
+    total = float(weights.sum())
+    if total <= 0:
+        return None
+    mse = float(((diff ** 2).mean(axis=2) * weights).sum() / total)
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
 def edit_metrics(output, target, mask=None) -> dict:
-    """PSNR and SSIM of ``output`` against ``target`` on the whole image, L1 overall, inside and outside ``mask``.
+    """PSNR and SSIM of ``output`` against ``target`` on the whole image, PSNR inside ``mask``, L1 overall, inside
+    and outside ``mask``.
 
     ``output``/``target``: PIL images or H x W x 3 arrays (uint8 0-255 or float 0-1), the same size. ``mask``:
     white (1) = the region the edit changes; resized to the image when it is a PIL image of another size."""
@@ -85,9 +95,11 @@ def edit_metrics(output, target, mask=None) -> dict:
     # scikit-image's window is 7 pixels; smaller images get the largest odd window that fits.
     win = 7 if side >= 7 else (side if side % 2 else side - 1)
     ssim = float(structural_similarity(tgt, out, data_range=255.0, channel_axis=2, win_size=win)) if win >= 3 else None
-    result = {"psnr": psnr, "ssim": ssim, "l1": float(diff.mean()), "l1_in_mask": None, "l1_outside_mask": None}
+    result = {"psnr": psnr, "ssim": ssim, "psnr_in_mask": None, "l1": float(diff.mean()), "l1_in_mask": None,
+              "l1_outside_mask": None}
     if mask is not None:
         weights = _mask_weights(mask, out.shape[:2])
+        result["psnr_in_mask"] = _weighted_psnr(diff, weights)
         result["l1_in_mask"] = _weighted_l1(diff, weights)
         result["l1_outside_mask"] = _weighted_l1(diff, 1.0 - weights)
     return result
@@ -109,9 +121,9 @@ def markdown_table(rows: list[dict], mean: dict) -> str:
         if value is None:
             return "–"
         return "inf" if math.isinf(value) else f"{value:.{digits}f}"
-    digits = {"psnr": 2, "ssim": 4, "l1": 2, "l1_in_mask": 2, "l1_outside_mask": 2}
-    header = "| id | PSNR (dB) | SSIM | L1 | L1 in mask | L1 outside mask |"
-    lines = [header, "|" + "---|" * 6]
+    digits = {"psnr": 2, "ssim": 4, "psnr_in_mask": 2, "l1": 2, "l1_in_mask": 2, "l1_outside_mask": 2}
+    header = "| id | PSNR (dB) | SSIM | PSNR in mask (dB) | L1 | L1 in mask | L1 outside mask |"
+    lines = [header, "|" + "---|" * 7]
     for row in [*rows, {"id": "**mean**", **mean}]:
         lines.append(f"| {row['id']} | " + " | ".join(cell(row.get(k), digits[k]) for k in METRICS) + " |")
     return "\n".join(lines) + "\n"

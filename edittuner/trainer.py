@@ -26,10 +26,9 @@ from tqdm import tqdm
 
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .batching import shape_groups
-from .cache import VALIDATION_SUBDIR, CacheReader, sha256_file
+from .cache import VALIDATION_SUBDIR, CacheReader, record_pixels, sha256_file
 from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_resume, save_state, write_checkpoint
 from .configs import DEFAULT_VALIDATION_STEPS, SamplerConfig, TrainConfig
-from .images import load_mask, load_rgb, resize_to
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
 from .errors import EditTunerError
 from .ema import LoraEMA
@@ -150,7 +149,6 @@ class ValidationPreviews:
         self.samples = [reader.load(i) for i in range(min(cfg.validation_samples, len(reader)))]
         self.sampler = validation_sampler(cfg)
         self.folder = output_dir / "validation"
-        self._fixed: dict[int, tuple] = {}
         self._pixels: dict[int, tuple] = {}
 
     @classmethod
@@ -171,44 +169,25 @@ class ValidationPreviews:
         vae = cfg.model.load_vae(dtype=dtype, device=accelerator.device) if accelerator.is_main_process else None
         return cls(cfg, reader, dit, denoiser, vae, dtype, accelerator.device, output_dir, every)
 
-    def fixed_images(self, index: int) -> tuple[list, object]:
-        """References and target of pair ``index``, decoded once for the whole run."""
-        if index not in self._fixed:
-            sample = self.samples[index]
-            decode = self.cfg.spec.family.decode
-            refs = [decode(self.vae, sample[f"ref.{k}"][None]) for k in range(3) if f"ref.{k}" in sample]
-            self._fixed[index] = (refs, decode(self.vae, sample["target"][None]))
-        return self._fixed[index]
-
-    def _source_file(self, record: dict, field: str) -> Path | None:
-        """A dataset file phase 1 encoded for this pair (the cache records its path and sha256), if it is still
-        there unchanged; else None and one note (a moved file or a run on another machine)."""
-        path, expected = record.get("sources", {}).get(field), record.get("hashes", {}).get(field)
-        if not path or not expected:
-            return None
-        try:
-            if sha256_file(Path(path)) == expected:
-                return Path(path)
-        except OSError:
-            pass
-        print(f"note: validation pair {record['id']!r}: {path} is gone or changed since phase 1; its edit metrics "
-              "use the VAE's decode of the cached target (and the cached mask) instead")
-        return None
-
-    def target_pixels(self, index: int) -> tuple:
-        """Target and edit mask of pair ``index`` in pixels, for the edit metrics: the dataset's own files sized
-        as phase 1 sized them, or where they are gone, the decoded target latents and the latent-grid mask."""
+    def pixels(self, index: int) -> tuple[list, object, object]:
+        """References, target and edit mask of pair ``index`` once for the whole run: the pair's own pixels as
+        phase 1 sized them (``cache.record_pixels``: a VAE round trip would show the VAE's flaws as if they were
+        the data); where its files are gone or changed, the decoded cached latents and the latent-grid mask."""
         if index not in self._pixels:
             record, sample = self.reader.records[index], self.samples[index]
-            size = tuple(record["target_size"]) if "target_size" in record else self.fixed_images(index)[1].size
-            path = self._source_file(record, "image")
-            target = resize_to(load_rgb(path), size) if path else self.fixed_images(index)[1]
-            mask_path = self._source_file(record, "back_mask")
-            mask = load_mask(mask_path) if mask_path else None
-            if mask is None and "mask" in sample:   # coverage of each 8x8 latent cell, spread over its pixels
-                cells = (sample["mask"][0].float().clamp(0, 1).numpy() * 255).round().astype("uint8")
-                mask = Image.fromarray(cells, mode="L").resize(size, Image.Resampling.NEAREST)
-            self._pixels[index] = (target, mask)
+            pixels = record_pixels(record, self.cfg.resize)
+            if pixels is not None:
+                target, refs, mask = pixels
+            else:
+                print(f"note: validation pair {record['id']!r}: its source files are gone or changed since phase 1; "
+                      "its preview and edit metrics use the VAE's decode of the cached images (and mask)")
+                decode = self.cfg.spec.family.decode
+                refs = [decode(self.vae, sample[f"ref.{k}"][None]) for k in range(3) if f"ref.{k}" in sample]
+                target, mask = decode(self.vae, sample["target"][None]), None
+                if "mask" in sample:   # coverage of each 8x8 latent cell, spread over its pixels
+                    cells = (sample["mask"][0].float().clamp(0, 1).numpy() * 255).round().astype("uint8")
+                    mask = Image.fromarray(cells, mode="L").resize(target.size, Image.Resampling.NEAREST)
+            self._pixels[index] = (refs, target, mask)
         return self._pixels[index]
 
     @torch.no_grad()
@@ -226,10 +205,10 @@ class ValidationPreviews:
                                               self.device, self.dtype, sample.get("negative_prompt_emb"),
                                               denoiser=self.denoiser)
                 if self.vae is not None:
-                    refs, decoded_target = self.fixed_images(index)
+                    refs, target, mask = self.pixels(index)
                     output = self.cfg.spec.family.decode(self.vae, latents)
-                    scores.append({"id": record["id"], **edit_metrics(output, *self.target_pixels(index))})
-                    rows.append((refs, output, decoded_target, f"{record['prompt']}   {_score_text(scores[-1])}"))
+                    scores.append({"id": record["id"], **edit_metrics(output, target, mask)})
+                    rows.append((refs, output, target, f"{record['prompt']}   {_score_text(scores[-1])}"))
             result = {f"val_{k}": v for k, v in evaluate(self.samples).items()} if evaluate else {}
         if self.vae is not None:
             path = self.folder / f"step-{step:06d}.png"
@@ -247,6 +226,8 @@ class ValidationPreviews:
 def _score_text(score: dict) -> str:
     """A pair's edit metrics for its grid row."""
     parts = [f"PSNR {score['psnr']:.1f} dB", f"SSIM {score['ssim']:.3f}" if score["ssim"] is not None else ""]
+    if score["psnr_in_mask"] is not None:
+        parts.append(f"in mask {score['psnr_in_mask']:.1f} dB")
     if score["l1_in_mask"] is not None:
         parts.append(f"L1 in/out of mask {score['l1_in_mask']:.1f}/{score['l1_outside_mask'] or 0:.1f}")
     return "(" + ", ".join(p for p in parts if p) + ")"

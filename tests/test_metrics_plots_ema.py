@@ -48,6 +48,9 @@ def test_edit_metrics_against_hand_computation():
     assert got["l1"] == pytest.approx(diff.mean())
     assert got["l1_in_mask"] == pytest.approx(diff[12:].mean()) and got["l1_in_mask"] > 5
     assert got["l1_outside_mask"] == 0.0
+    # PSNR inside the mask: scikit-image's PSNR of the edited rows alone.
+    from skimage.metrics import peak_signal_noise_ratio
+    assert got["psnr_in_mask"] == pytest.approx(peak_signal_noise_ratio(target[12:], output[12:], data_range=255))
     # Float images in [0, 1], PIL images and a PIL mask of another size (resized) give the same numbers.
     as_float = edit_metrics(output / 255.0, target / 255.0, mask.astype(bool))
     assert all(as_float[k] == pytest.approx(got[k]) for k in got)

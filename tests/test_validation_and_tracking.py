@@ -4,11 +4,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from edittuner.cache import PrecomputeConfig, precompute_cache
+from edittuner.cache import CacheReader, PrecomputeConfig, precompute_cache, record_pixels
 from edittuner.errors import EditTunerError
 from edittuner.lora import lora_state_dict
 from edittuner.models import ModelSource
@@ -80,8 +81,16 @@ def test_previews_and_wandb_offline_run(cache_with_validation, resize, tmp_path,
     train(_cfg(cache_with_validation, resize, out, report_to="wandb"), progress=False)
     grids = sorted(p.name for p in (out / "validation").glob("*.png"))
     assert grids == ["step-000000.png", "step-000003.png", "step-000006.png"]   # step 0: before training
-    grid = Image.open(out / "validation/step-000006.png")
+    grid = Image.open(out / "validation/step-000006.png").convert("RGB")
     assert grid.height > 2 * 96  # one row per validation pair
+    # The references and the target are the source pixels (as phase 1 sized them), not their VAE round trip.
+    record = CacheReader(cache_with_validation / "validation").records[0]
+    target, refs, _ = record_pixels(record, resize)
+    scaled = [im.resize((round(im.width * 256 / im.height), 256), Image.Resampling.LANCZOS)
+              for im in (*refs, target, target)]   # the output cell has the target's size
+    left = sum(im.width + 4 for im in scaled[:-1])
+    assert np.array_equal(np.asarray(grid.crop((left, 22, left + scaled[-1].width, 22 + 256))), np.asarray(scaled[-1]))
+    assert np.array_equal(np.asarray(grid.crop((0, 22, scaled[0].width, 22 + 256))), np.asarray(scaled[0]))
     metrics = read_metrics(out / "metrics.jsonl")
     assert [m["step"] for m in metrics if "validation_time_s" in m] == [3, 6]
     assert all(m["peak_memory_gb"] > 0 and m["step_time_s"] > 0 for m in metrics)

@@ -3,7 +3,9 @@
 The tokenizer, the Qwen2-VL processor and the Qwen2.5-VL config (vision tower included) are the Qwen family's tiny
 builders: LongCat's text side is the same Qwen2.5-VL stack. The transformer is diffusers'
 LongCatImageTransformer2DModel with one double- and one single-stream block; the VAE is diffusers' AutoencoderKL
-with 16 latent channels and an 8x downsampling (as the real one), its shift_factor / scaling_factor calibrated.
+with 16 latent channels and an 8x downsampling (as the real one), loaded from ``tiny_vae.safetensors`` beside this
+file (fitted to the demo photos by ``scripts/fit_tiny_vae.py``, its shift_factor / scaling_factor calibrated there and
+kept in the file's metadata).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from ..qwen_image_edit.tiny import (SPECIAL_TOKENS, TINY_TEXT_DIM, _calibration_images, _round3, _seeded,
-                                    build_processor, build_tokenizer, tiny_text_encoder_config)
+                                    build_processor, build_tokenizer, fitted_vae_state, tiny_text_encoder_config,
+                                    weights_digest)
 from .models import SCHEDULER_CONFIG, Encoders
 
 TINY_DIT = {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
@@ -27,6 +31,7 @@ TINY_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncod
             "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
             "latent_channels": 16, "norm_num_groups": 4, "sample_size": 64, "use_quant_conv": False,
             "use_post_quant_conv": False}
+TINY_VAE_WEIGHTS = Path(__file__).with_name("tiny_vae.safetensors")
 
 
 def build_tiny_dit(seed: int = 0):
@@ -41,7 +46,7 @@ def build_tiny_dit(seed: int = 0):
 
 @torch.no_grad()
 def calibrate_latent_scale(vae) -> None:
-    """Give the random tiny VAE a shift_factor and scaling_factor that do for it what the real ones do for the real
+    """Give the tiny VAE (fitted by scripts/fit_tiny_vae.py) a shift_factor and scaling_factor that do for it what the real ones do for the real
     VAE: the pipeline's (mode - shift) * scale has mean 0 and std 1 over smooth random images (a random encoder's
     raw latents are a near-constant offset with a small spread, which a model could hardly tell apart).
 
@@ -60,17 +65,18 @@ def calibrate_latent_scale(vae) -> None:
 
 @lru_cache(maxsize=4)
 def _tiny_encoder_state(seed: int):
-    from diffusers import AutoencoderKL
+    from safetensors import safe_open
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     rng = _seeded(seed, 12)
     try:
         text_encoder = Qwen2_5_VLForConditionalGeneration(tiny_text_encoder_config())
-        vae = AutoencoderKL(**TINY_VAE)
-        calibrate_latent_scale(vae)
     finally:
         rng.__exit__(None, None, None)
-    return text_encoder.state_dict(), vae.state_dict(), (vae.config.shift_factor, vae.config.scaling_factor)
+    vae_state = fitted_vae_state(TINY_VAE_WEIGHTS)
+    with safe_open(str(TINY_VAE_WEIGHTS), framework="pt") as f:
+        metadata = f.metadata()
+    return text_encoder.state_dict(), vae_state, (float(metadata["shift_factor"]), float(metadata["scaling_factor"]))
 
 
 def build_tiny_vae(seed: int = 0):
@@ -99,5 +105,6 @@ def build_tiny_scheduler():
 
 def tiny_fingerprint(seed: int) -> str:
     spec = json.dumps({"family": "longcat", "seed": seed, "text": tiny_text_encoder_config().to_dict(),
-                       "vae": TINY_VAE, "vae_calibration": 1, "tokens": SPECIAL_TOKENS}, sort_keys=True, default=str)
+                       "vae": TINY_VAE, "vae_weights": weights_digest(TINY_VAE_WEIGHTS), "tokens": SPECIAL_TOKENS},
+                      sort_keys=True, default=str)
     return "tiny-longcat:" + hashlib.sha256(spec.encode()).hexdigest()[:16]

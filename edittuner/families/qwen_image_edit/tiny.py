@@ -2,7 +2,10 @@
 
 Nothing is downloaded: the tokenizer is a byte-level BPE with Qwen's chat special tokens, built with
 ``tokenizers``; the processor is transformers' Qwen2-VL processor around it; the text encoder is a
-two-layer Qwen2.5-VL with a vision tower; the VAE and DiT are diffsynth's classes at small sizes.
+two-layer Qwen2.5-VL with a vision tower; the VAE and DiT are diffsynth's classes at small sizes. The text encoder
+and DiT are random from the seed; the VAE loads ``tiny_vae.safetensors`` beside this file, fitted to the demo photos
+by ``scripts/fit_tiny_vae.py`` (a random VAE reconstructs no photo, so previews would show nothing), the same
+weights for every seed.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from diffsynth.models.qwen_image_vae import QwenImageVAE
 
+from ...errors import EditTunerError
 from .models import EditDiT, EditTextEncoder, Encoders
 
 TINY_TEXT_DIM = 32
@@ -22,6 +27,7 @@ TINY_DIT = {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
             "in_channels": 64, "out_channels": 16, "patch_size": 2}
 TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_scales": [],
             "temperal_downsample": [False, True, True], "dropout": 0.0}
+TINY_VAE_WEIGHTS = Path(__file__).with_name("tiny_vae.safetensors")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -89,11 +95,26 @@ def _tiny_encoder_state(seed: int):
     rng = _seeded(seed, 2)
     try:
         text_encoder = EditTextEncoder(tiny_text_encoder_config())
-        vae = QwenImageVAE(**TINY_VAE)
-        calibrate_latent_scale(vae)
     finally:
         rng.__exit__(None, None, None)
-    return text_encoder.state_dict(), vae.state_dict()
+    return text_encoder.state_dict(), fitted_vae_state(TINY_VAE_WEIGHTS)
+
+
+@lru_cache(maxsize=4)
+def fitted_vae_state(path: Path) -> dict[str, torch.Tensor]:
+    """A tiny VAE's fitted weights (shared with the LongCat family's tiny model, which reads its own file)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise EditTunerError(f"{path}: the built-in tiny model's VAE weights are missing (a broken install?); "
+                             "reinstall edittuner, or remake them with `python scripts/fit_tiny_vae.py`")
+    return load_file(str(path))
+
+
+@lru_cache(maxsize=4)
+def weights_digest(path: Path) -> str:
+    """sha256 of a weights file: part of the tiny model's fingerprint, so caches follow the weights."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _calibration_images(count: int = 8, size: int = 64) -> torch.Tensor:
@@ -114,7 +135,8 @@ def _round3(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_latent_scale(vae: QwenImageVAE) -> None:
-    """Give the random tiny VAE the latent statistics the engine assumes of the real one.
+    """Give the tiny VAE the latent statistics the engine assumes of the real one (scripts/fit_tiny_vae.py, after
+    fitting; the committed weights hold the result).
 
     ``QwenImageVAE.encode`` normalises with the real VAE's per-channel mean and std. A random encoder's
     raw output is ~0.1 with a content spread of ~0.05, so after that normalisation every latent is a
@@ -153,6 +175,7 @@ def build_tiny_encoders(seed: int = 0) -> Encoders:
 
 
 def tiny_fingerprint(seed: int) -> str:
-    spec = json.dumps({"seed": seed, "text": tiny_text_encoder_config().to_dict(), "vae": TINY_VAE, "vae_calibration": 1,
-                       "tokens": SPECIAL_TOKENS}, sort_keys=True, default=str)
+    spec = json.dumps({"seed": seed, "text": tiny_text_encoder_config().to_dict(), "vae": TINY_VAE,
+                       "vae_weights": weights_digest(TINY_VAE_WEIGHTS), "tokens": SPECIAL_TOKENS},
+                      sort_keys=True, default=str)
     return "tiny:" + hashlib.sha256(spec.encode()).hexdigest()[:16]
