@@ -135,6 +135,102 @@ def bench_phase2(work: Path, dataset: Path, steps: int) -> dict:
             "phase1_samples_per_s": phase1["encoded"] / phase1["seconds"], "phase1_samples": phase1["encoded"]}
 
 
+# LongCat-Image-Edit's bench transformer: diffusers' LongCatImageTransformer2DModel at the bench DiT's width (256)
+# with 2 double-stream and 4 single-stream blocks (the real model's 1:2 ratio), on the tiny LongCat encoders.
+LONGCAT_BENCH_DIT = {"patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 4,
+                     "attention_head_dim": 64, "num_attention_heads": 4, "joint_attention_dim": TINY_TEXT_DIM,
+                     "pooled_projection_dim": TINY_TEXT_DIM, "axes_dims_rope": [16, 24, 24]}
+
+
+def bench_longcat(work: Path, dataset: Path, steps: int, rounds: int = 2) -> dict:
+    """LongCat-Image-Edit (--model_version longcat): the phase-2 step of the generic trainer against the bare
+    transformer forward + backward + AdamW on the same cached inputs already in memory, and the step with online
+    encoding (the pipeline's Qwen2.5-VL prompt with the reference, VAE of target, reference and white) against the
+    step from the cache. Runs and bare loops interleaved over ``rounds`` (the machine is shared); medians."""
+    from diffusers import LongCatImageTransformer2DModel
+    from edittuner.cache import CacheReader
+    from edittuner.families import model_spec
+    from edittuner.trainer import sample_at
+    spec = model_spec("longcat")
+    family = spec.family
+    resize = ResizeConfig(max_pixels=SIZE * SIZE)
+    torch.manual_seed(0)
+    LongCatImageTransformer2DModel(**LONGCAT_BENCH_DIT).save_pretrained(work / "longcat-transformer")
+    model = ModelSource(family=family.name, transformer_dir=str(work / "longcat-transformer"))
+    cache = work / "cache-longcat"
+    phase1 = precompute_cache(PrecomputeConfig(dataset_json=dataset, cache_dir=cache, model=model, resize=resize,
+                                               model_version=spec.preset.name, overwrite=True), progress=False)
+    reader = CacheReader(cache)
+    # The bare baseline: the same LoRA'd transformer, the training run's samples in its order, preloaded.
+    dit = model.load_dit()
+    torch.manual_seed(0)
+    inject_lora(dit, spec.preset.lora_targets, 32, 32, family)
+    denoiser = family.denoiser(dit)
+    optimizer = torch.optim.AdamW([p for _, p in lora_parameters(dit)], lr=1e-4)
+    preloaded = []
+    for index in (sample_at(p, len(reader), 0) for p in range(steps + 2)):
+        sample = reader.load(index)
+        x0 = sample["target"][None]
+        preloaded.append((x0, torch.randn_like(x0), spec.conditioning([sample], "cpu", torch.float32)))
+    timestep = family.training_scheduler().timesteps[500:501]
+
+    def bare_steps() -> list[float]:
+        times = []
+        for x0, noise, conditioning in preloaded:
+            start = time.perf_counter()
+            prediction = denoiser(latents=(x0 + noise) / 2, timestep=timestep, **conditioning)
+            torch.nn.functional.mse_loss(prediction, noise - x0).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+        return times[2:]
+
+    encoder = family.sample_encoder(spec.preset, resize.vl_pixels)
+    encoder.attach(model.load_encoders(), "cpu", torch.float32)
+    first = load_dataset(dataset)[0]
+
+    def encode_one():
+        target, refs, mask = encoder.prepare(first, resize)
+        encoder.encode(first.prompt, target, refs, mask)
+
+    split, bare, encode = [], [], []
+    for round_ in range(rounds):
+        run = work / f"run-longcat-{round_}"
+        cfg = TrainConfig(cache_dir=cache, output_dir=run, model=model, model_version=spec.preset.name, resize=resize,
+                          max_steps=steps + 2, rank=32, gradient_accumulation=1, gradient_checkpointing=False,
+                          save_every=10_000, eval_samples=0, report_to="none", validation_steps=0, seed=0)
+        train(cfg, progress=False)
+        split += [m["step_time_s"] for m in read_metrics(run / "metrics.jsonl")[2:]]
+        bare += bare_steps()
+        encode.append(median_time(encode_one, max(3, steps // 2), warmup=1))
+    split_step, bare_step, encode_s = statistics.median(split), statistics.median(bare), statistics.median(encode)
+    return {"rounds": rounds, "dit": LONGCAT_BENCH_DIT, "phase2_step_s": split_step,
+            "bare_forward_backward_s": bare_step, "overhead_ratio": split_step / bare_step, "online_encode_s": encode_s,
+            "online_step_s": split_step + encode_s, "online_over_split_ratio": (split_step + encode_s) / split_step,
+            "phase1_samples_per_s": phase1["encoded"] / phase1["seconds"], "phase1_samples": phase1["encoded"]}
+
+
+def render_longcat(results: dict) -> str:
+    lc, meta = results["longcat"], results["longcat_meta"]
+    dit = lc["dit"]
+    return "\n".join([
+        f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']} (a 2-core VM shared with other jobs)  ",
+        f"Date: {meta['date']}  ",
+        f"Model: the tiny LongCat text encoder (Qwen2.5-VL) + VAE, LongCatImageTransformer2DModel of "
+        f"{dit['num_layers']} double- + {dit['num_single_layers']} single-stream blocks x width "
+        f"{dit['attention_head_dim'] * dit['num_attention_heads']} (LoRA rank 32, the longcat preset's targets), "
+        f"target {SIZE}x{SIZE} + one {SIZE}x{SIZE} reference, prompt padded to 512 tokens as the pipeline does, fp32; "
+        f"training runs and bare loops interleaved over {lc['rounds']} rounds, medians.",
+        "", "| figure | value | baseline (same run) | ratio |", "|---|---|---|---|",
+        f"| LongCat phase-2 step (cache read, loss, backward, clip, AdamW) | {lc['phase2_step_s'] * 1000:.1f} ms | "
+        f"bare transformer fwd+bwd+AdamW on in-memory inputs: {lc['bare_forward_backward_s'] * 1000:.1f} ms | "
+        f"{lc['overhead_ratio']:.3f} |",
+        f"| LongCat step with online encoding (no phase 1) | {lc['online_step_s'] * 1000:.1f} ms | phase-2 step from "
+        f"the cache: {lc['phase2_step_s'] * 1000:.1f} ms | {lc['online_over_split_ratio']:.3f} |",
+        f"| LongCat phase 1 (prompt with the reference, target, reference, white) | {lc['phase1_samples_per_s']:.1f} "
+        f"samples/s ({lc['phase1_samples']} samples) | | |"])
+
+
 def bench_dataset_generation(work: Path, count: int) -> dict:
     raw = work / "raw"
     for role in ("target", "source"):
@@ -465,7 +561,7 @@ def bench_levers(work: Path, dataset: Path, steps: int, rounds: int = 2) -> dict
     for name, levers in (("baseline", {}), ("int8 base", {"base_quantization": "int8"})):
         if name in runnable:
             dit = model.load_dit()
-            prepare_base(dit, PerformanceConfig(**levers), torch.device("cpu"))
+            prepare_base(model.model_family.blocks(dit), PerformanceConfig(**levers), torch.device("cpu"))
             result["cases"][name]["block_weight_bytes"] = quantized_bytes(dit.transformer_blocks)
             result["cases"][name]["dit_weight_bytes"] = quantized_bytes(dit)
     return result
@@ -721,7 +817,7 @@ def update_benchmarks_md(text: str, section: str = "split-phase") -> None:
 
 SPLIT_PHASE = ("dataset", "phase2", "lbm", "sampling", "previews")
 PROCESSES = ("phase1_processes", "phase2_processes", "checkpoint", "resume")
-CASES = SPLIT_PHASE + PROCESSES + ("batching", "levers", "app")
+CASES = SPLIT_PHASE + PROCESSES + ("batching", "levers", "longcat", "app")
 
 
 def parse_only(text: str | None) -> tuple[str, ...]:
@@ -791,6 +887,9 @@ def main(argv=None) -> int:
         if "levers" in only:
             results["levers_meta"] = meta
             results["levers"] = bench_levers(work, dataset, steps, 1 if args.quick else 3)
+        if "longcat" in only:
+            results["longcat_meta"] = meta
+            results["longcat"] = bench_longcat(work, dataset, steps, 1 if args.quick else 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -815,6 +914,11 @@ def main(argv=None) -> int:
         print(text)
         if not args.quick:
             update_benchmarks_md(text, "levers")
+    if "longcat" in only:
+        text = render_longcat(results)
+        print(text)
+        if not args.quick:
+            update_benchmarks_md(text, "longcat")
     if "app" not in only:
         return 0
     # The app's click-to-result latency: its own module (a server on a free loopback port), same run.

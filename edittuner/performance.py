@@ -1,4 +1,4 @@
-"""Speed and memory levers for the DiT: the attention kernel, ``torch.compile`` of the transformer blocks, a
+"""Speed and memory levers for the DiT: the attention kernel, ``torch.compile`` of its blocks (``Family.blocks``), a
 low-memory (int8 / fp8) frozen base under the bf16 LoRA, and block-level CPU offload of the frozen weights.
 
 Each lever is one field of ``PerformanceConfig`` (configs.py; CLI flags ``--attention``, ``--compile``,
@@ -107,11 +107,11 @@ def attention_backend(name: str):
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile
 
-def compile_blocks(dit: torch.nn.Module) -> None:
-    """Compile each transformer block in place (``Module.compile``: the state-dict keys and the LoRA modules stay
-    where they are). Dynamo inlines the block's parameters as graph inputs, so the 60 identical blocks share one
-    compiled graph per input shape instead of 60."""
-    for block in dit.transformer_blocks:
+def compile_blocks(blocks: list[torch.nn.Module]) -> None:
+    """Compile each of the DiT's blocks (``Family.blocks``) in place (``Module.compile``: the state-dict keys and
+    the LoRA modules stay where they are). Dynamo inlines the block's parameters as graph inputs, so the 60
+    identical blocks share one compiled graph per input shape instead of 60."""
+    for block in blocks:
         block.compile(dynamic=None)
 
 
@@ -126,12 +126,13 @@ def _torchao():
     return quantization
 
 
-def quantize_base(dit: torch.nn.Module, precision: str, device: torch.device) -> None:
-    """Quantize the frozen Linear weights of every transformer block (weight-only: activations and the LoRA stay
-    in the compute dtype), one block at a time on ``device``: the bf16 base never sits on the card whole."""
+def quantize_base(blocks: list[torch.nn.Module], precision: str, device: torch.device) -> None:
+    """Quantize the frozen Linear weights of every block of the DiT (``Family.blocks``; weight-only: activations
+    and the LoRA stay in the compute dtype), one block at a time on ``device``: the bf16 base never sits on the
+    card whole."""
     quantization = _torchao()
     config = {"int8": quantization.Int8WeightOnlyConfig, "fp8": quantization.Float8WeightOnlyConfig}[precision]()
-    for block in dit.transformer_blocks:
+    for block in blocks:
         block.to(device)
         quantization.quantize_(block, config)
 
@@ -164,7 +165,7 @@ class BlockOffload:
     the backward of block i+1 has finished: its weights are dropped then.
     """
 
-    def __init__(self, blocks: torch.nn.ModuleList, device: torch.device):
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device):
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
         self.host: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
@@ -222,24 +223,27 @@ class BlockOffload:
             self._drop(index)
 
 
-def place_dit(dit: torch.nn.Module, cfg: PerformanceConfig, device: torch.device) -> BlockOffload | None:
-    """Move the DiT (with its LoRA injected) to ``device`` with the levers applied. Quantization must come before
-    LoRA injection (peft wraps the quantized Linear), so it is done by ``prepare_base``; this is the rest."""
+def place_dit(dit: torch.nn.Module, blocks: list[torch.nn.Module], cfg: PerformanceConfig,
+              device: torch.device) -> BlockOffload | None:
+    """Move the DiT (with its LoRA injected) to ``device`` with the levers applied to its ``blocks``
+    (``Family.blocks(dit)``). Quantization must come before LoRA injection (peft wraps the quantized Linear), so
+    it is done by ``prepare_base``; this is the rest."""
     offload = None
     if cfg.offload_blocks:
-        offload = BlockOffload(dit.transformer_blocks, device)
+        offload = BlockOffload(blocks, device)
     dit.to(device)
     if cfg.compile:
-        compile_blocks(dit)
+        compile_blocks(blocks)
     return offload
 
 
-def prepare_base(dit: torch.nn.Module, cfg: PerformanceConfig, device: torch.device) -> None:
-    """Before LoRA injection: quantize the frozen base block by block on ``device``."""
+def prepare_base(blocks: list[torch.nn.Module], cfg: PerformanceConfig, device: torch.device) -> None:
+    """Before LoRA injection: quantize the frozen base's ``blocks`` (``Family.blocks(dit)``) one by one on
+    ``device``."""
     if cfg.base_quantization != "none":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_base(dit, cfg.base_quantization, device)
+            quantize_base(blocks, cfg.base_quantization, device)
 
 
 def load_device(cfg: PerformanceConfig, device: torch.device) -> torch.device:

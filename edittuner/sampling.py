@@ -212,7 +212,7 @@ class Editor:
         model.check(self.family.components)
         self.resize = resize
         self.dit = model.load_dit(dtype=self.dtype, device=load_device(levers, torch.device(self.device)))
-        prepare_base(self.dit, levers, torch.device(self.device))
+        prepare_base(self.family.blocks(self.dit), levers, torch.device(self.device))
         self.dit = self.dit.to(self.device).eval()
         self.encoders = model.load_encoders(dtype=self.dtype, device=self.device)
         self.encoder = self._sample_encoder()

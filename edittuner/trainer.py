@@ -425,12 +425,13 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, zero
                  gradient_checkpointing=cfg.gradient_checkpointing)
     where = load_device(levers, device)
     dit = load_dit(where, dtype) if load_dit else cfg.model.load_dit(dtype=dtype, device=where)
-    prepare_base(dit, levers, device)
+    blocks = cfg.spec.family.blocks(dit)
+    prepare_base(blocks, levers, device)
     if on_base:
         on_base(dit)
     torch.manual_seed(cfg.seed)  # LoRA's initial A matrices come from the global RNG
     inject_lora(dit, cfg.lora_targets, cfg.rank, cfg.alpha, cfg.spec.family)
-    offload = place_dit(dit, levers, device)
+    offload = place_dit(dit, blocks, levers, device)
     return dit, [p for _, p in lora_parameters(dit)], offload
 
 

@@ -41,6 +41,19 @@ def demo_cache(demo_dir, resize, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def longcat_cache(demo_dir, resize, tmp_path_factory):
+    """The demo's single-reference pairs (and their validation pairs) encoded by the tiny LongCat-Image-Edit."""
+    from edittuner.cache import PrecomputeConfig, precompute_cache
+    from edittuner.models import ModelSource
+    cache = tmp_path_factory.mktemp("cache_longcat")
+    precompute_cache(PrecomputeConfig(dataset_json=demo_dir / "dataset_single_ref.json", cache_dir=cache,
+                                      model=ModelSource(family="longcat-image-edit"), resize=resize,
+                                      model_version="longcat",
+                                      validation_json=demo_dir / "dataset_single_ref_val.json"), progress=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
 def trained_run(demo_cache, resize, tmp_path_factory):
     """A short 2511 run on the demo cache, shared by the tests that inspect a finished run."""
     from edittuner.trainer import TrainConfig, train

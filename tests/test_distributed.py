@@ -201,14 +201,18 @@ def test_precompute_cli_shards_on_cpu_without_help(demo_dir, tmp_path):
     assert not set(per_rank[0]) & set(per_rank[1]), per_rank
 
 
-def test_ddp_two_processes_equal_one_process_with_double_accumulation(demo_cache, tmp_path):
+@pytest.mark.parametrize("version, cache_fixture", [("2511", "demo_cache"), ("longcat", "longcat_cache")])
+def test_ddp_two_processes_equal_one_process_with_double_accumulation(version, cache_fixture, request, tmp_path):
     """2 processes x accumulation 1 see the same samples and noise per step as 1 process x accumulation 2: same
-    LoRA, and the logged loss (mean over processes) equals the 1-process mean over micro-batches."""
-    common = ["--max_steps", 6, "--learning_rate", 5e-3, "--optimizer", "adamw", "--save_every", 1000]
-    _run_all((1, _train_args(demo_cache, tmp_path / "one", *common, "--gradient_accumulation", 2), tmp_path, {}),
-             (2, _train_args(demo_cache, tmp_path / "two", *common, "--gradient_accumulation", 1), tmp_path, {}))
+    LoRA, and the logged loss (mean over processes) equals the 1-process mean over micro-batches. For both
+    families: LongCat's transformer (diffusers) under DDP goes through the same trainer."""
+    cache = request.getfixturevalue(cache_fixture)
+    common = ["--max_steps", 6, "--learning_rate", 5e-3, "--optimizer", "adamw", "--save_every", 1000,
+              "--model_version", version]
+    _run_all((1, _train_args(cache, tmp_path / "one", *common, "--gradient_accumulation", 2), tmp_path, {}),
+             (2, _train_args(cache, tmp_path / "two", *common, "--gradient_accumulation", 1), tmp_path, {}))
     config = json.loads((tmp_path / "two/config.json").read_text())
-    assert config["resolved"]["processes"] == 2
+    assert config["resolved"]["processes"] == 2 and config["model_version"] == version
     assert json.loads((tmp_path / "one/config.json").read_text())["resolved"]["processes"] == 1
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [m["step"] for m in two] == list(range(1, 7))              # one log, written by the main process

@@ -1,6 +1,7 @@
 """LongCat-Image-Edit (--model_version longcat) on its tiny model: the cache equals what diffusers'
 LongCatImageEditPipeline feeds its transformer, our sampler equals the pipeline's __call__, the generic trainer
-learns on a LongCat cache, the official layout loads and a Qwen cache is refused.
+learns on a LongCat cache, the official layout loads and a Qwen cache is refused, the levers walk both block
+stacks, and the app serves a LongCat LoRA (and refuses it on a Qwen base).
 
 The pipeline resizes every input to about 1024x1024 pixels (``calculate_dimensions(1024 * 1024, ratio)``); we keep
 phase 1's sizes. To compare at the tiny size, the tests point that one sizing function at the image's own size;
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from edittuner.cache import CacheReader, PrecomputeConfig, precompute_cache
+from edittuner.cache import CacheReader
 from edittuner.dataset import load_dataset
 from edittuner.errors import EditTunerError
 from edittuner.images import ResizeConfig
@@ -52,12 +53,8 @@ def at_own_size(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def cache_lc(demo_dir, resize, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache_longcat")
-    precompute_cache(PrecomputeConfig(dataset_json=demo_dir / "dataset_single_ref.json", cache_dir=cache,
-                                      model=LONGCAT, resize=resize, model_version="longcat",
-                                      validation_json=demo_dir / "dataset_single_ref_val.json"), progress=False)
-    return cache
+def cache_lc(longcat_cache):
+    return longcat_cache
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +324,124 @@ def test_launcher_trains_longcat_end_to_end(demo_dir, tmp_path):
     assert (tmp_path / "run/validation/step-000030.png").is_file()
     _, metadata = read_lora_file(tmp_path / "run/lora.safetensors")
     assert (metadata["family"], metadata["base_model"]) == ("longcat-image-edit", "LongCat-Image-Edit")
+
+
+# ---- the levers over both block stacks (Family.blocks) ----------------------------------------------------------
+
+def _lever_sample(seed=0):
+    from edittuner.families.qwen_image_edit.tiny import TINY_TEXT_DIM
+    g = torch.Generator().manual_seed(seed)
+    return {"target": torch.randn(16, 8, 6, generator=g), "ref.0": torch.randn(16, 8, 6, generator=g),
+            "prompt_emb": torch.randn(19, TINY_TEXT_DIM, generator=g)}
+
+
+def _lever_dit(**levers):
+    """The tiny LongCat transformer as phase 2 builds it (trainer.build_model: levers, LoRA from the seed), with
+    LoRA B made non-zero so that every LoRA gradient depends on the base weights."""
+    from edittuner.performance import PerformanceConfig
+    from edittuner.trainer import TrainConfig, build_model
+    cfg = TrainConfig(cache_dir="unused", output_dir="unused", model=LONGCAT, model_version="longcat", rank=4,
+                      performance=PerformanceConfig(**levers))
+    dit, _, offload = build_model(cfg, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return dit, offload
+
+
+def _lever_loss(dit, sample, timestep=500.0):
+    spec = model_spec("longcat")
+    conditioning = spec.conditioning([sample], "cpu", torch.float32, gradient_checkpointing=True)
+    out = spec.family.denoiser(dit)(latents=sample["target"][None], timestep=torch.tensor([timestep]), **conditioning)
+    loss = (out - sample["target"][None]).pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in dit.named_parameters() if p.grad is not None}
+    dit.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_levers_walk_the_double_and_the_single_stream_blocks():
+    """Family.blocks gives both stacks in forward order; block offload over them (the trainer's place_dit) gives
+    the resident run's loss and gradients bitwise, over two steps under gradient checkpointing, with the single-
+    stream blocks' frozen weights off the device between runs; an int8 base (build_model's torchao path) quantizes
+    the single-stream blocks too and trains like the full base (test_performance.py's tolerances)."""
+    from edittuner.performance import PerformanceConfig, place_dit, quantized_bytes
+    family = model_spec("longcat").family
+    plain, _ = _lever_dit()
+    blocks = family.blocks(plain)
+    assert blocks == [*plain.transformer_blocks, *plain.single_transformer_blocks] and len(blocks) == 2
+    offloaded, _ = _lever_dit()
+    offload = place_dit(offloaded, family.blocks(offloaded), PerformanceConfig(offload_blocks=True),
+                        torch.device("cpu"))
+    single = [p for p in offloaded.single_transformer_blocks.parameters() if not p.requires_grad]
+    assert single and all(p.numel() == 0 for p in single)
+    for step in range(2):
+        sample = _lever_sample(step)
+        reference, result = _lever_loss(plain, sample), _lever_loss(offloaded, sample)
+        assert torch.equal(reference[0], result[0]) and reference[1].keys() == result[1].keys()
+        assert all(torch.equal(reference[1][n], result[1][n]) for n in reference[1])
+    assert offload.copies == 2 * 2 * len(blocks) - 1 and 1 <= offload.max_resident <= 2   # fwd + recompute each
+
+    int8, _ = _lever_dit(base_quantization="int8")
+    full = quantized_bytes(plain.single_transformer_blocks)
+    assert quantized_bytes(int8.single_transformer_blocks) < 0.45 * full   # int8 + per-row scales + fp32 biases
+    assert quantized_bytes(int8.transformer_blocks) < 0.45 * quantized_bytes(plain.transformer_blocks)
+    sample = _lever_sample(5)
+    (loss, grads), (reference, ref_grads) = _lever_loss(int8, sample), _lever_loss(plain, sample)
+    assert abs(float(loss) - float(reference)) < 1e-3 * float(reference)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() < 2e-2 * g.norm() + 1e-6, name
+
+
+# ---- the app on a LongCat base ----------------------------------------------------------------------------------
+
+def test_app_serves_a_longcat_lora_and_a_qwen_base_refuses_it(trained, demo_dir, pipe, at_own_size, tmp_path):
+    """app_gradio.py --model_version longcat: the app's session edits with the trained LongCat LoRA (version from
+    its metadata) as diffusers' pipeline does with that LoRA in diffusers' layout loaded by peft
+    (``load_lora_adapter``: diffusers has no LongCat LoRA loader of its own); the same LoRA picked in an app on the
+    Qwen base is refused with the flag to start it with."""
+    import shutil
+
+    from conftest import TINY_PIXELS
+    pytest.importorskip("gradio")
+    from edittuner.app import EditSession, build_parser, load_editor
+    from edittuner.images import load_rgb
+    from edittuner.lora import export_lora
+    train_dir = tmp_path / "train"
+    (train_dir / "lc").mkdir(parents=True)
+    shutil.copy(trained[0] / "lora.safetensors", train_dir / "lc/lora.safetensors")
+    source = load_rgb(load_dataset(demo_dir / "dataset_single_ref.json")[0].edit_images[0])
+    common = ["--max_pixels", str(TINY_PIXELS)]
+    session = EditSession(load_editor(build_parser().parse_args(["--model_version", "longcat", *common])), train_dir,
+                          output_dir=tmp_path / "out")
+    edit = dict(source=source, reference_2=None, reference_3=None, prompt=PROMPT, strength=1.0, sampler="flow",
+                steps=2, guidance=2.0, seed=7, negative_prompt="")
+    image, _, status = session.edit(lora="lc/lora.safetensors", **edit)
+    assert "LoRA lc/lora.safetensors at 1" in status and "LongCat-Image-Edit" in status and "warning" not in status
+    base_image, _, _ = session.edit(lora=None, **edit)
+
+    export_lora(trained[0] / "lora.safetensors", tmp_path / "diffusers.safetensors", "diffusers")
+    ref = session.editor.encoder.fit_reference(source, session.editor.resize)
+    at_own_size(ref)
+    pipe.transformer.load_lora_adapter(str(tmp_path / "diffusers.safetensors"), prefix="transformer",
+                                       adapter_name="app")
+    try:
+        theirs = pipe(image=ref, prompt=PROMPT, num_inference_steps=2, guidance_scale=2.0,
+                      generator=torch.Generator().manual_seed(7)).images[0]
+    finally:
+        pipe.transformer.delete_adapters("app")
+    ours, theirs = np.asarray(image, dtype=np.int16), np.asarray(theirs, dtype=np.int16)
+    # LoRA as forward hooks (x A^T B^T scale) against peft's layers: the same sums in another order, so a pixel
+    # may round the other way.
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
+    assert np.abs(ours - np.asarray(base_image, dtype=np.int16)).mean() > 1   # the LoRA acted
+
+    qwen = EditSession(load_editor(build_parser().parse_args(common)), train_dir, output_dir=tmp_path / "out-qwen")
+    with pytest.raises(EditTunerError, match=r"LoRA lc/lora.safetensors was trained for LongCat-Image-Edit \(the "
+                                             r"longcat-image-edit family\), but the base model loaded is a "
+                                             r"qwen-image-edit model; start with --model_version longcat"):
+        qwen.edit(lora="lc/lora.safetensors", **edit)
+    assert qwen.lora_key is None and qwen.editor.model_version == "2511"

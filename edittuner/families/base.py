@@ -208,6 +208,11 @@ class Family(ABC):
     def decode(self, vae: "torch.nn.Module", latents: "torch.Tensor") -> "Image.Image":
         return self._part("encoding").decode_latents(vae, latents)
 
+    def blocks(self, dit: "torch.nn.Module") -> list["torch.nn.Module"]:
+        """The DiT's repeated blocks in forward order, each one's output feeding the next: what the levers
+        (compiled blocks, int8/fp8 base, block offload) walk. The default is a single ``transformer_blocks`` stack."""
+        return list(dit.transformer_blocks)
+
     @abstractmethod
     def selects_module(self, name: str, targets: tuple[str, ...], dit: "torch.nn.Module") -> bool:
         """Whether the Linear layer ``name`` of ``dit`` gets a LoRA for ``targets`` (dead ends left out)."""

@@ -96,5 +96,10 @@ class LongCatImageEdit(Family):
         from .denoiser import TrainingSchedule
         return TrainingSchedule()
 
+    def blocks(self, dit):
+        # The Flux layout: the double-stream blocks, then the single-stream ones, which take the last double
+        # block's text and image streams (transformer_longcat_image.py's forward).
+        return [*dit.transformer_blocks, *dit.single_transformer_blocks]
+
     def selects_module(self, name, targets, dit):
         return selects_module(name, targets)
