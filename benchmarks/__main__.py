@@ -99,7 +99,7 @@ def bench_phase2(work: Path, dataset: Path, steps: int) -> dict:
     optimizer = torch.optim.AdamW([p for _, p in lora_parameters(dit)], lr=1e-4)
     # Same inputs as the training run: the same cached samples, in the same order, preloaded into memory.
     from edittuner.cache import CacheReader
-    from edittuner.trainer import sample_at
+    from edittuner.batching import sample_at
     reader = CacheReader(cache)
     order = [sample_at(p, len(reader), cfg.seed) for p in range(steps + 2)]
     preloaded = []
@@ -500,6 +500,83 @@ def render_batching(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _mixed_aspect_cache(work: Path, count: int = 16) -> tuple[Path, ResizeConfig, ModelSource]:
+    """The demo's one-reference pairs at SIZE, square and landscape, encoded with --buckets on: two buckets."""
+    from edittuner.demo import make_demo_dataset
+    make_demo_dataset(work / "demo", size=SIZE)
+    rows = [r for r in json.loads((work / "demo/dataset.json").read_text()) if len(r["edit_image"]) == 1]
+    rows = [dict(r, id=f"{i}", image=str(work / "demo" / r["image"]), back_mask=None,
+                 edit_image=[str(work / "demo" / r["edit_image"][0])]) for i, r in enumerate((rows * count)[:count])]
+    (work / "bench_mixed.json").write_text(json.dumps(rows))
+    resize = ResizeConfig(max_pixels=SIZE * SIZE, buckets=True)
+    model = ModelSource(transformer_dir=str(work / "transformer"))
+    cache = work / "cache_mixed"
+    precompute_cache(PrecomputeConfig(dataset_json=work / "bench_mixed.json", cache_dir=cache, model=model,
+                                      resize=resize, overwrite=True), progress=False)
+    return cache, resize, model
+
+
+def bench_buckets(work: Path, steps: int, rounds: int = 2) -> dict:
+    """Phase-2 samples/s at --batch_size 1, 2, 4 on a mixed-aspect cache (two buckets), micro-batches from one bucket
+    (--bucket_batches on) against today's grouping (off: consecutive samples split into same-shape groups, each its
+    own forward); samples over time of the steps after the first two, runs interleaved over rounds, as ratios
+    against batch 1 of the same run."""
+    from edittuner.batching import DataOrder, record_bucket, shape_groups
+    from edittuner.cache import CacheReader
+    cache, resize, model = _mixed_aspect_cache(work)
+    records = CacheReader(cache).records
+    buckets = [record_bucket(r) for r in records]
+    result = {"samples": len(records), "buckets": sorted(set(buckets)), "rounds": rounds}
+    totals = {(batch, on): [0.0, 0] for batch in (1, 2, 4) for on in ((True, False) if batch > 1 else (True,))}
+    for round_ in range(rounds):  # interleaved, so that load on a shared machine hits every case alike
+        for batch, on in totals:
+            run = work / f"buckets-{batch}-{on}-{round_}"
+            cfg = TrainConfig(cache_dir=cache, output_dir=run, model=model, resize=resize, max_steps=steps + 2,
+                              rank=32, gradient_accumulation=1, batch_size=batch, gradient_checkpointing=False,
+                              save_every=10_000, eval_samples=0, report_to="none", validation_steps=0,
+                              bucket_batches=on)
+            train(cfg, progress=False)
+            for m in read_metrics(run / "metrics.jsonl")[2:]:
+                totals[batch, on][0] += m["step_time_s"]
+                totals[batch, on][1] += batch
+    for (batch, on), (seconds, samples) in totals.items():
+        name = f"{batch}_{'buckets' if on else 'grouping'}" if batch > 1 else "1"
+        result[f"samples_per_s_{name}"] = samples / seconds
+        # forwards per micro-step over the positions these runs trained on (one per same-shape group)
+        order = DataOrder([len(records)], None, 0, batch, buckets if on else None)
+        groups = [len(shape_groups([{"target": torch.zeros(json.loads(buckets[order.index(p)])[0])}
+                                    for p in range(first, first + batch)]))
+                  for first in range(0, (steps + 2) * batch, batch)]
+        result[f"forwards_per_step_{name}"] = sum(groups) / len(groups)
+    for batch in (2, 4):
+        for kind in ("buckets", "grouping"):
+            result[f"speedup_{batch}_{kind}_over_1"] = result[f"samples_per_s_{batch}_{kind}"] / result["samples_per_s_1"]
+        result[f"buckets_over_grouping_{batch}"] = (result[f"samples_per_s_{batch}_buckets"]
+                                                    / result[f"samples_per_s_{batch}_grouping"])
+    return result
+
+
+def render_buckets(results: dict) -> str:
+    b, meta = results["buckets"], results["buckets_meta"]
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']} (shared with other jobs: compare the "
+             "ratios, measured in one run, not the absolute figures)  ", f"Date: {meta['date']}  ",
+             f"Model: the bench DiT (4 blocks x width 256, LoRA rank 32, 2511 targets), fp32, accumulation 1; "
+             f"{b['samples']} cached samples in {len(b['buckets'])} aspect buckets (`--buckets on`, max_pixels "
+             f"{SIZE}x{SIZE}: square and landscape, one same-size reference); samples over time of the steps after "
+             f"the first two, {b['rounds']} interleaved rounds of runs.",
+             "", "| figure | samples/s | forwards per micro-step | ratio to `--batch_size 1` |", "|---|---|---|---|",
+             f"| `--batch_size 1` (baseline) | {b['samples_per_s_1']:.2f} | {b['forwards_per_step_1']:.2f} | 1.00 |"]
+    for batch in (2, 4):
+        for kind, label in (("grouping", "`--bucket_batches off` (same-shape groups by chance)"),
+                            ("buckets", "`--bucket_batches on` (one bucket per micro-batch)")):
+            lines.append(f"| `--batch_size {batch}`, {label} | {b[f'samples_per_s_{batch}_{kind}']:.2f} | "
+                         f"{b[f'forwards_per_step_{batch}_{kind}']:.2f} | {b[f'speedup_{batch}_{kind}_over_1']:.2f} |")
+    lines.append("")
+    lines.append("Buckets over today's grouping, same batch size: " + ", ".join(
+        f"batch {batch}: {b[f'buckets_over_grouping_{batch}']:.2f}x" for batch in (2, 4)) + ".")
+    return "\n".join(lines)
+
+
 LEVERS = {"attention sdpa": {"attention": "sdpa"}, "attention flash": {"attention": "flash"},
           "attention math": {"attention": "math"}, "compile": {"compile": True}, "int8 base": {"base_quantization": "int8"},
           "fp8 base": {"base_quantization": "fp8"}, "block offload": {"offload_blocks": True},
@@ -817,7 +894,7 @@ def update_benchmarks_md(text: str, section: str = "split-phase") -> None:
 
 SPLIT_PHASE = ("dataset", "phase2", "lbm", "sampling", "previews")
 PROCESSES = ("phase1_processes", "phase2_processes", "checkpoint", "resume")
-CASES = SPLIT_PHASE + PROCESSES + ("batching", "levers", "longcat", "app")
+CASES = SPLIT_PHASE + PROCESSES + ("batching", "buckets", "levers", "longcat", "app")
 
 
 def parse_only(text: str | None) -> tuple[str, ...]:
@@ -884,6 +961,9 @@ def main(argv=None) -> int:
         if "batching" in only:
             results["batching_meta"] = meta
             results["batching"] = bench_batching(work, steps, 1 if args.quick else 2)
+        if "buckets" in only:
+            results["buckets_meta"] = meta
+            results["buckets"] = bench_buckets(work, steps, 1 if args.quick else 2)
         if "levers" in only:
             results["levers_meta"] = meta
             results["levers"] = bench_levers(work, dataset, steps, 1 if args.quick else 3)
@@ -909,6 +989,11 @@ def main(argv=None) -> int:
         print(text)
         if not args.quick:
             update_benchmarks_md(text, "batching")
+    if "buckets" in only:
+        text = render_buckets(results)
+        print(text)
+        if not args.quick:
+            update_benchmarks_md(text, "buckets")
     if "levers" in only:
         text = render_levers(results)
         print(text)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import time
+from bisect import bisect_right
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -41,11 +42,12 @@ from tqdm import tqdm
 
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
 from .configs import PrecomputeConfig
-from .dataset import Sample, load_dataset
+from .dataset import GenerateConfig, Sample, generate_dataset_json, load_dataset
 from .defaults import DEFAULT_NEGATIVE_PROMPT
-from .errors import EditTunerError
+from .errors import EditTunerError, about
 from .families import DEFAULT_MODEL_VERSION, FAMILIES, PRESETS, Family
-from .images import ResizeConfig, check_aspect_ratio, fit_size, probe_image
+from .images import ResizeConfig, check_aspect_ratio, probe_image
+from .sources import SOURCES_FILE, SOURCES_SUBDIR, Source, per_epoch, read_datasets_file
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -191,11 +193,12 @@ def row_refusal(sample: Sample, resize: ResizeConfig, encoder, model_version: st
     try:
         target = probe_image(sample.image)
         check_aspect_ratio(target.width, target.height, f"target {sample.image}")
+        target_size = resize.target_size(target.width, target.height)
         for k, path in enumerate(sample.edit_images):
             info = probe_image(path)
             what = f"reference edit_image[{k}] {path}"
             check_aspect_ratio(info.width, info.height, what)
-            fitted = fit_size(info.width, info.height, resize.ref_max_pixels or resize.max_pixels, resize.multiple)
+            fitted = resize.reference_size_for(info.width, info.height, target_size)
             check_aspect_ratio(*encoder.vision_size(*fitted),
                                f"{what} ({info.width}x{info.height}) {encoder.vision_note()}")
         if sample.ref_gt is not None:
@@ -222,24 +225,79 @@ def precompute_cache(cfg: PrecomputeConfig, progress: bool = True) -> dict:
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU processes do not see each other
-    sets = [(cfg, load_dataset(cfg.dataset_json, root=cfg.data_root))]
-    if cfg.validation_json is not None:
-        validation = load_dataset(cfg.validation_json, root=cfg.data_root)
-        check_validation_overlap(sets[0][1], validation, cfg.dataset_json, cfg.validation_json)
-        sets.append((replace(cfg, dataset_json=cfg.validation_json, cache_dir=Path(cfg.cache_dir) / VALIDATION_SUBDIR,
-                             validation_json=None, negative_prompt=DEFAULT_NEGATIVE_PROMPT
-                             if cfg.negative_prompt is None else cfg.negative_prompt), validation))
+    if cfg.datasets is None:
+        sets = _with_validation(cfg, [(cfg, load_dataset(cfg.dataset_json, root=cfg.data_root,
+                                                         base_path=cfg.dataset_base_path, warn=state.is_main_process))],
+                                state)
+    else:
+        sources = read_datasets_file(cfg.datasets, cfg.resize)
     cfg.model.check(cfg.family.encoder_components)
-    for set_cfg, _ in sets:
-        check_output_dir(set_cfg.cache_dir, "--cache_dir")
+    check_output_dir(cfg.cache_dir, "--cache_dir")
     # One phase 1 at a time per cache folder: a second is refused, naming the first.
     with FolderLock(cfg.cache_dir, "phase 1 (precompute)") if state.is_main_process else nullcontext():
+        if cfg.datasets is not None:   # a raw folder's dataset JSON is written into the cache: under the lock
+            sets = _with_validation(cfg, [_source_set(cfg, source, state) for source in sources], state)
+        for set_cfg, _ in sets:
+            check_output_dir(set_cfg.cache_dir, "--cache_dir")
         results = [_encode_set(set_cfg, samples, state, progress) for set_cfg, samples in sets]
-    if any(part["refused"] for part in results):
-        raise _refused_error([(set_cfg, part) for (set_cfg, _), part in zip(sets, results)])
-    if len(results) > 1:
-        results[0]["validation"] = results[1]
-    return results[0]
+        if any(part["refused"] for part in results):
+            raise _refused_error([(set_cfg, part) for (set_cfg, _), part in zip(sets, results)])
+        if state.is_main_process:
+            _record_sources(cfg, sources if cfg.datasets is not None else None, results)
+    state.wait_for_everyone()
+    validation_part = results.pop() if cfg.validation_json is not None else None
+    result = results[0] if cfg.datasets is None else {
+        "sources": {source.name: part for source, part in zip(sources, results)}, "manifest": None}
+    if validation_part is not None:
+        result["validation"] = validation_part
+    return result
+
+
+def _with_validation(cfg: PrecomputeConfig, sets: list, state) -> list:
+    """The training sets plus, with --validation_json, its pairs (held out from every training set) encoded into
+    <cache_dir>/validation with the CFG negative prompt."""
+    if cfg.validation_json is None:
+        return sets
+    validation = load_dataset(cfg.validation_json, root=cfg.data_root, warn=state.is_main_process)
+    training = [sample for _, samples in sets for sample in samples]
+    check_validation_overlap(training, validation, cfg.datasets or cfg.dataset_json, cfg.validation_json)
+    return sets + [(replace(cfg, dataset_json=cfg.validation_json, datasets=None, dataset_base_path=None,
+                            cache_dir=Path(cfg.cache_dir) / VALIDATION_SUBDIR, validation_json=None,
+                            negative_prompt=DEFAULT_NEGATIVE_PROMPT if cfg.negative_prompt is None
+                            else cfg.negative_prompt), validation)]
+
+
+def _source_set(cfg: PrecomputeConfig, source: Source, state) -> tuple[PrecomputeConfig, list[Sample]]:
+    """One --datasets source as phase 1 encodes it: into <cache_dir>/sources/<name>, with its own resize settings.
+    A raw folder becomes a dataset JSON there first (the generator's skip report beside it)."""
+    folder = Path(cfg.cache_dir) / SOURCES_SUBDIR / source.name
+    dataset = source.path
+    if source.is_raw:
+        dataset = folder / "dataset.json"
+        if state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            with about("--datasets"):
+                report = generate_dataset_json(GenerateConfig(raw_dir=source.path, output=dataset,
+                                                              prompt=source.prompt), progress=False)
+            print(f"source {source.name}: {report.summary()}")
+        state.wait_for_everyone()
+    set_cfg = replace(cfg, dataset_json=dataset, datasets=None, dataset_base_path=source.base_path,
+                      cache_dir=folder, resize=source.resize(cfg.resize), validation_json=None)
+    with about("--datasets"):
+        samples = load_dataset(dataset, root=cfg.data_root, base_path=source.base_path, warn=state.is_main_process)
+    return set_cfg, samples
+
+
+def _record_sources(cfg: PrecomputeConfig, sources: list[Source] | None, results: list[dict]) -> None:
+    """sources.json for phase 2 (the sources, their folders and sizes), written last; a single-dataset run removes
+    one left by an earlier --datasets run into this folder, whose sources phase 2 would read instead."""
+    path = Path(cfg.cache_dir) / SOURCES_FILE
+    if sources is None:
+        path.unlink(missing_ok=True)
+        return
+    write_json(path, {"format": CACHE_FORMAT, "datasets": str(Path(cfg.datasets).resolve()), "sources": [
+        {**source.as_json(), "folder": f"{SOURCES_SUBDIR}/{source.name}", "samples": len(part["manifest"]["samples"])}
+        for source, part in zip(sources, results)]})
 
 
 def _claim_cache_dir(cfg: PrecomputeConfig, identity: dict, state) -> None:
@@ -509,3 +567,59 @@ class CacheReader:
         except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
             raise EditTunerError(f"{path}: unreadable cache file ({exc}); re-run `edittuner precompute` "
                                  "(it re-encodes missing or broken samples)") from None
+
+    @property
+    def sizes(self) -> list[int]:
+        """Samples per source (a plain cache: one source), for the data order."""
+        return [len(self.records)]
+
+    per_epoch = None   # a plain cache: each sample once per epoch
+
+
+class SourcesReader:
+    """Phase 2's view of a --datasets cache: each source's CacheReader (checked against the run's settings with the
+    source's own pixel budget and reference rule), their records one after another, and each source's slots per
+    epoch (its repeats or weight)."""
+
+    def __init__(self, cache_dir: str | os.PathLike, expected_resize: ResizeConfig | None = None,
+                 expected_encoders: str | None = None, expected_model_version: str | None = None):
+        self.cache_dir = Path(cache_dir)
+        path = self.cache_dir / SOURCES_FILE
+        try:
+            self.sources = json.loads(path.read_text(encoding="utf-8"))["sources"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EditTunerError(f"{path}: unreadable ({exc}); re-run `edittuner precompute --datasets ...`") from None
+        self.readers = []
+        for entry in self.sources:
+            own = Source(name=entry["name"], path=Path(entry["path"]), max_pixels=entry.get("max_pixels"),
+                         reference_size=entry.get("reference_size"))
+            self.readers.append(CacheReader(self.cache_dir / entry["folder"], own.resize(expected_resize)
+                                            if expected_resize is not None else None, expected_encoders,
+                                            expected_model_version))
+        self.records = [{**record, "source": entry["name"]}
+                        for entry, reader in zip(self.sources, self.readers) for record in reader.records]
+        self.sizes = [len(reader) for reader in self.readers]
+        self.per_epoch = per_epoch(self.sources, self.sizes)
+        self._starts = [sum(self.sizes[:k]) for k in range(len(self.sizes))]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def ref_gt_encoded(self) -> bool:
+        return all(reader.ref_gt_encoded for reader in self.readers)
+
+    @property
+    def has_negative_prompts(self) -> bool:
+        return all(reader.has_negative_prompts for reader in self.readers)
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        k = bisect_right(self._starts, index) - 1
+        return self.readers[k].load(index - self._starts[k])
+
+
+def open_cache(cache_dir: str | os.PathLike, expected_resize: ResizeConfig | None = None,
+               expected_encoders: str | None = None, expected_model_version: str | None = None):
+    """The training cache phase 1 wrote: a --datasets cache (sources.json) or a plain one."""
+    kind = SourcesReader if (Path(cache_dir) / SOURCES_FILE).is_file() else CacheReader
+    return kind(cache_dir, expected_resize, expected_encoders, expected_model_version)

@@ -35,8 +35,10 @@ def cmd_precompute(args) -> None:
     from .cache import precompute_cache
     cfg = from_args(PrecomputeConfig, args, model=model_source(args))
     result = precompute_cache(cfg)
-    for name, part, where in (("", result, cfg.cache_dir), (" validation", result.get("validation"),
-                                                            cfg.cache_dir / "validation")):
+    parts = [(f" source {name}", part, cfg.cache_dir / "sources" / name)
+             for name, part in result.get("sources", {}).items()]
+    for name, part, where in [("", result, cfg.cache_dir), *parts,
+                              (" validation", result.get("validation"), cfg.cache_dir / "validation")]:
         if part and part["manifest"] is not None:
             print(f"phase 1{name}: encoded {part['encoded']}, reused {part['skipped']} -> {where} "
                   f"({len(part['manifest']['samples'])} samples, {part['seconds']:.1f} s)")

@@ -265,10 +265,18 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    dataset_json: Path
     cache_dir: Path
     model: ModelSource = field(metadata={"group": MODEL_GROUP})
     resize: ResizeConfig = field(metadata={"group": RESIZE_GROUP})
+    dataset_json: Path | None = field(default=None, metadata={"help": (
+        "dataset JSON, or DiffSynth-Studio metadata (.csv, .jsonl, .json with image, prompt, edit_image); "
+        "this or --datasets")})
+    dataset_base_path: Path | None = field(default=None, metadata={"help": (
+        "folder the dataset's relative paths start from (DiffSynth's --dataset_base_path; default: the file's "
+        "folder)")})
+    datasets: Path | None = field(default=None, metadata={"help": (
+        "datasets file (YAML or JSON) listing several sources (dataset JSONs, DiffSynth metadata, raw folders), "
+        "each with repeats or weight, max_pixels, reference_size; one cache per source under <cache_dir>/sources")})
     model_version: str = field(default=DEFAULT_MODEL_VERSION, metadata={"choices": VERSIONS, "help": (
         "sets the prompt template and the references a row may have; recorded in the manifest")})
     dtype: str = field(default="auto", metadata={"flag": "--cache_dtype", "choices": ("auto", "float32", "bfloat16"),
@@ -290,6 +298,11 @@ class PrecomputeConfig:
         if self.negative_prompts and self.negative_prompt is None:
             # The negative `sample` and the previews use for CFG, so dropout trains the unconditional they query.
             object.__setattr__(self, "negative_prompt", DEFAULT_NEGATIVE_PROMPT)
+        if (self.dataset_json is None) == (self.datasets is None):
+            raise EditTunerError("--dataset_json / --datasets: give one of them (one dataset file, or a datasets "
+                                 "file listing several sources)")
+        if self.datasets is not None and self.dataset_base_path is not None:
+            raise EditTunerError("--dataset_base_path: with --datasets, give each source its own \"base_path\"")
 
     @property
     def preset(self) -> Preset:
@@ -327,8 +340,11 @@ class TrainConfig:
     gradient_accumulation: int | None = field(default=None, metadata={
         "help": "default from the preset (2509: 1, 2511: 16)"})
     batch_size: int = field(default=1, metadata={"help": (
-        "samples per micro-step (default 1); samples of equal latent shapes share one DiT forward, the loss is the "
-        "mean over the micro-step's samples (flow objective; not under DeepSpeed)")})
+        "samples per micro-step (default 1), drawn from one bucket (--bucket_batches); samples of equal latent shapes "
+        "share one DiT forward, the loss is the mean over the micro-step's samples (not under DeepSpeed)")})
+    bucket_batches: bool = field(default=True, metadata={"help": (
+        "on (default): with --batch_size B > 1 every micro-batch is B samples of one bucket (latent shapes), so "
+        "each is one full forward; off: B consecutive samples of the data order, split into same-shape groups")})
     zero_cond_t: bool | None = field(default=None, metadata={
         "help": "on/off; default from the preset (2511 on, 2509 off)"})
     lora_targets: tuple[str, ...] | None = field(default=None, metadata={

@@ -18,10 +18,13 @@ must lie inside that root.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import os
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -299,10 +302,15 @@ class Sample:
 
 
 DATA_ROOT_ENV = "EDITTUNER_DATA_ROOT"
+# DiffSynth-Studio's metadata files (its --dataset_metadata_path), read as they are: .csv with a header row and
+# .jsonl with one object a line, besides a JSON list (ours, or DiffSynth's .json, the same shape).
+METADATA_SUFFIXES = (".csv", ".jsonl")
+DATASET_SUFFIXES = (".json",) + METADATA_SUFFIXES
 
 
-def _resolve_row_path(path: Path, number: int, name: str, value: str, base: Path, root: Path | None) -> Path:
-    """Where a row's file field points, refusing paths that escape the JSON's folder (or the data root)."""
+def _resolve_row_path(path: Path, number: int, name: str, value: str, base: Path, root: Path | None,
+                      base_given: bool = False) -> Path:
+    """Where a row's file field points, refusing paths that escape the base folder (or the data root)."""
     where = f"{path}, row {number}: \"{name}\""
     if "\0" in value:
         raise EditTunerError(f"{where} contains a NUL character; fix the path")
@@ -310,8 +318,10 @@ def _resolve_row_path(path: Path, number: int, name: str, value: str, base: Path
     if root is None:
         if not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] == os.pardir:
             raise EditTunerError(
-                f"{where} path {value!r} leaves the dataset JSON's folder {base}; use a path inside it, an absolute "
-                f"path, or allow a wider tree with --data_root DIR (or {DATA_ROOT_ENV}=DIR)")
+                f"{where} path {value!r} leaves "
+                + (f"--dataset_base_path {base}" if base_given else f"the dataset JSON's folder {base}")
+                + f"; use a path inside it, an absolute path, or allow a wider tree with --data_root DIR "
+                f"(or {DATA_ROOT_ENV}=DIR)")
     else:
         try:
             real = candidate.resolve(strict=True)
@@ -339,12 +349,124 @@ def _resolve_row_path(path: Path, number: int, name: str, value: str, base: Path
     return candidate
 
 
-def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[Sample]:
-    """Read and validate a dataset JSON.
+def _decode_file(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EditTunerError(f"dataset file {path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                             "re-save it as UTF-8") from None
 
-    Relative paths resolve against the JSON's folder and may not leave it; absolute paths are taken as written.
-    With ``root`` (default: the environment variable EDITTUNER_DATA_ROOT) every path, after following symbolic
-    links, must lie inside ``root``, and relative paths may use ``..`` as long as they stay inside it.
+
+def _csv_rows(path: Path, data: bytes) -> list:
+    """A DiffSynth metadata.csv: a header row naming the columns, one sample a row; an empty cell is no value. An
+    ``edit_image`` cell holds one path, or a JSON list of paths (several references)."""
+    reader = csv.DictReader(io.StringIO(_decode_file(path, data), newline=""))
+    rows = []
+    try:
+        for number, record in enumerate(reader):
+            if None in record:
+                raise EditTunerError(f"{path}, row {number}: more cells than the header has columns; quote cells "
+                                     "that hold commas")
+            row = {k: v for k, v in record.items() if v not in (None, "")}
+            refs = row.get("edit_image")
+            if isinstance(refs, str) and refs.lstrip().startswith("["):
+                try:
+                    row["edit_image"] = json.loads(refs)
+                except ValueError:
+                    raise EditTunerError(f"{path}, row {number}: \"edit_image\" {refs!r} is neither a path nor a "
+                                         "JSON list of paths") from None
+            for size in ("width", "height"):
+                if size in row:
+                    try:
+                        row[size] = int(row[size])
+                    except ValueError:
+                        raise EditTunerError(f"{path}, row {number}: \"{size}\" must be a whole number, got "
+                                             f"{row[size]!r}") from None
+            rows.append(row)
+    except csv.Error as exc:
+        raise EditTunerError(f"dataset file {path}: not a valid CSV file ({exc})") from None
+    return rows
+
+
+def _jsonl_rows(path: Path, data: bytes) -> list:
+    rows = []
+    for number, line in enumerate(l for l in _decode_file(path, data).splitlines() if l.strip()):
+        try:
+            rows.append(json.loads(line))
+        except (ValueError, RecursionError) as exc:
+            raise EditTunerError(f"{path}, row {number}: not valid JSON ({exc}); each line holds one JSON "
+                                 "object") from None
+    return rows
+
+
+def _read_rows(path: Path) -> list:
+    """The rows of a dataset file, by its suffix: .csv, .jsonl, else a JSON list."""
+    if not path.is_file():
+        kind = "dataset JSON" if path.suffix.lower() not in METADATA_SUFFIXES else "dataset file"
+        raise EditTunerError(f"{kind} {path}: no such file; make one with `edittuner dataset --raw_dir ...`")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EditTunerError(f"dataset JSON {path}: cannot read it ({exc.strerror or exc})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv_rows(path, data)
+    if suffix == ".jsonl":
+        return _jsonl_rows(path, data)
+    try:
+        return json.loads(data)   # UTF-8 (BOM or not), UTF-16 and UTF-32 are detected from the bytes
+    except UnicodeDecodeError as exc:
+        raise EditTunerError(f"dataset JSON {path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                             "re-save it as UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise EditTunerError(f"dataset JSON {path}: not valid JSON ({exc})") from None
+
+
+def _check_types(path: Path, number: int, row: dict) -> None:
+    """Known fields of the wrong type are errors (unknown fields are only ignored)."""
+    where = f"{path}, row {number}"
+    for required in ("prompt", "image", "edit_image"):
+        if required not in row:
+            raise EditTunerError(f"{where}: missing field \"{required}\"")
+    if not isinstance(row["prompt"], str):
+        raise EditTunerError(f"{where}: \"prompt\" must be text, got {type(row['prompt']).__name__}")
+    if "id" in row and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int, type(None)))):
+        raise EditTunerError(f"{where}: \"id\" must be text or a number, got {type(row['id']).__name__}")
+    for size in ("width", "height"):
+        if size in row and (isinstance(row[size], bool) or not isinstance(row[size], (int, type(None)))):
+            raise EditTunerError(f"{where}: \"{size}\" must be a whole number, got {row[size]!r}")
+    for name in ("back_mask", "ref_gt"):
+        if row.get(name) is not None and not isinstance(row[name], str):
+            raise EditTunerError(f"{where}: \"{name}\" must be a file path or null, got {row[name]!r}")
+
+
+def _warn_unknown(path: Path, unknown: dict[str, int]) -> None:
+    """One warning for the whole file: each unknown field with the first row that has it."""
+    listed = ", ".join(f"\"{name}\" (first in row {row})" for name, row in sorted(unknown.items(), key=lambda i: i[1]))
+    print(f"warning: {path}: ignoring unknown field(s) {listed}; the fields read are {', '.join(sorted(ROW_FIELDS))}",
+          file=sys.stderr, flush=True)
+
+
+def _sample_id(row: dict, value: str, image: Path, seen: dict) -> str:
+    """The row's id, else its image's stem, else (that stem taken: DiffSynth data often reuses file names across
+    folders) the image's path as written without its suffix."""
+    if row.get("id") not in (None, ""):
+        return str(row["id"])
+    stem = image.stem
+    if stem in seen and not os.path.isabs(value):
+        return Path(value).with_suffix("").as_posix()
+    return stem
+
+
+def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None,
+                 base_path: str | os.PathLike | None = None, warn: bool = True) -> list[Sample]:
+    """Read and validate a dataset file: our dataset JSON, or DiffSynth-Studio's metadata (.csv, .jsonl, .json with
+    ``image``, ``prompt``, ``edit_image``: one path or a list).
+
+    Relative paths resolve against ``base_path`` (default: the file's folder) and may not leave it; absolute paths
+    are taken as written. With ``root`` (default: the environment variable EDITTUNER_DATA_ROOT) every path, after
+    following symbolic links, must lie inside ``root``, and relative paths may use ``..`` as long as they stay
+    inside it. Unknown fields are ignored, with one warning on stderr (``warn``) naming them.
     """
     path = Path(path)
     if root is None and os.environ.get(DATA_ROOT_ENV):
@@ -353,41 +475,27 @@ def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None)
         if not Path(root).is_dir():
             raise EditTunerError(f"data root {root} (--data_root / {DATA_ROOT_ENV}): no such directory")
         root = Path(root).resolve()
-    if not path.is_file():
-        raise EditTunerError(f"dataset JSON {path}: no such file; make one with `edittuner dataset --raw_dir ...`")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EditTunerError(f"dataset JSON {path}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        rows = json.loads(data)   # UTF-8 (BOM or not), UTF-16 and UTF-32 are detected from the bytes
-    except UnicodeDecodeError as exc:
-        raise EditTunerError(f"dataset JSON {path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                             "re-save it as UTF-8") from None
-    except (ValueError, RecursionError) as exc:
-        raise EditTunerError(f"dataset JSON {path}: not valid JSON ({exc})") from None
+    if base_path is not None and not Path(base_path).is_dir():
+        raise EditTunerError(f"--dataset_base_path {base_path}: no such directory")
+    rows = _read_rows(path)
     if not isinstance(rows, list) or not rows:
         raise EditTunerError(f"dataset JSON {path}: expected a non-empty list of samples")
-    base = path.parent
-    samples, seen = [], {}
+    base = Path(base_path) if base_path is not None else path.parent
+    samples, seen, unknown = [], {}, {}
 
     def file_field(number, name, value):
         if not isinstance(value, str) or not value:
             raise EditTunerError(f"{path}, row {number}: \"{name}\" must be a file path, got {value!r}")
-        return _resolve_row_path(path, number, name, value, base, root)
+        return _resolve_row_path(path, number, name, value, base, root, base_path is not None)
 
     for number, row in enumerate(rows):
         if not isinstance(row, dict):
             raise EditTunerError(f"{path}, row {number}: expected a JSON object, got {type(row).__name__}")
-        unknown = set(row) - ROW_FIELDS
-        if unknown:
-            raise EditTunerError(f"{path}, row {number}: unknown field(s) {sorted(unknown)}; "
-                                 f"allowed: {sorted(ROW_FIELDS)}")
-        for required in ("prompt", "image", "edit_image"):
-            if required not in row:
-                raise EditTunerError(f"{path}, row {number}: missing field \"{required}\"")
+        for name in set(row) - ROW_FIELDS:
+            unknown.setdefault(name, number)
+        _check_types(path, number, row)
         prompt = row["prompt"]
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not prompt.strip():
             raise EditTunerError(f"{path}, row {number}: empty prompt; write the edit instruction in \"prompt\"")
         try:
             prompt.encode("utf-8")
@@ -399,7 +507,7 @@ def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None)
         if not isinstance(edits, list) or not 1 <= len(edits) <= 3:
             raise EditTunerError(f"{path}, row {number}: \"edit_image\" must list 1 to 3 reference images")
         image = file_field(number, "image", row["image"])
-        sample_id = str(row.get("id") or image.stem)
+        sample_id = _sample_id(row, row["image"], image, seen)
         try:
             sample_id.encode("utf-8")
         except UnicodeEncodeError:
@@ -414,4 +522,6 @@ def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None)
             edit_images=tuple(file_field(number, f"edit_image[{i}]", e) for i, e in enumerate(edits)),
             mask=file_field(number, "back_mask", row["back_mask"]) if row.get("back_mask") else None,
             ref_gt=file_field(number, "ref_gt", row["ref_gt"]) if row.get("ref_gt") else None))
+    if unknown and warn:
+        _warn_unknown(path, unknown)
     return samples

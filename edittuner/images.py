@@ -15,6 +15,8 @@ from .errors import EditTunerError
 from .options import positive_int
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+BUCKET_GRID = 32                      # the side multiple of aspect buckets (ResizeConfig.buckets)
+REFERENCE_SIZES = ("own", "target")   # ResizeConfig.reference_size
 
 # Refuse anything that declares more pixels than this, from its header, before decoding it (decompression
 # bombs). Kept below Pillow's own hard limit (2 * Image.MAX_IMAGE_PIXELS) so that our message, which names
@@ -165,6 +167,10 @@ class ResizeConfig:
     multiple: width and height are then floored to a multiple of this (16 is what the DiT needs: VAE /8, patch 2).
     ref_max_pixels: pixel budget for references fed to the VAE/DiT (None = max_pixels).
     vl_pixels: area the references are resized to for the Qwen2.5-VL encoder (the engine uses 384*384).
+    buckets: aspect buckets: every image scaled (up or down) to near max_pixels, sides floored to a grid of
+        max(BUCKET_GRID, multiple), so that few sizes exist and phase 2 can fill batches from one size.
+    reference_size: "own" (each reference keeps its aspect ratio, sized by the rule above) or "target" (resized to
+        the target's size: pixel-aligned edits; SimpleTuner's reference_strict / match_target_res).
     """
 
     max_pixels: int = field(default=1024 * 1024, metadata={"type": positive_int, "help": (
@@ -174,6 +180,13 @@ class ResizeConfig:
         "type": positive_int, "help": "pixel budget for reference images (default: --max_pixels)"})
     vl_pixels: int = field(default=384 * 384, metadata={"type": positive_int, "help": (
         "area references are resized to for the Qwen2.5-VL encoder (default 147456 = 384^2, as the engine)")})
+    buckets: bool = field(default=False, metadata={"help": (
+        f"on: aspect buckets, every image scaled (up or down) to near --max_pixels on a {BUCKET_GRID}-pixel grid "
+        "(--multiple where larger), so --batch_size B trains real batches of B; off (default): scale down only, "
+        "sides floored to --multiple")})
+    reference_size: str = field(default="own", metadata={"choices": REFERENCE_SIZES, "help": (
+        "own (default): each reference keeps its own aspect ratio; target: references resized to the target's size "
+        "(pixel-aligned edits)")})
 
     def __post_init__(self):
         if self.multiple not in (16, 32, 64):
@@ -184,10 +197,53 @@ class ResizeConfig:
             raise EditTunerError(f"--ref_max_pixels {self.ref_max_pixels}: must be at least {self.multiple ** 2}")
         if not 28 * 28 <= self.vl_pixels <= 4096 * 4096:
             raise EditTunerError(f"--vl_pixels {self.vl_pixels}: must be between {28 * 28} and {4096 * 4096}")
+        if self.reference_size not in REFERENCE_SIZES:
+            raise EditTunerError(f"--reference_size {self.reference_size}: choose {' or '.join(REFERENCE_SIZES)}")
+
+    @property
+    def grid(self) -> int:
+        """The side multiple of the sizes phase 1 gives: the bucket grid, or --multiple without buckets."""
+        return max(BUCKET_GRID, self.multiple) if self.buckets else self.multiple
 
     def as_dict(self) -> dict:
-        return {"max_pixels": self.max_pixels, "multiple": self.multiple,
-                "ref_max_pixels": self.ref_max_pixels, "vl_pixels": self.vl_pixels}
+        settings = {"max_pixels": self.max_pixels, "multiple": self.multiple,
+                    "ref_max_pixels": self.ref_max_pixels, "vl_pixels": self.vl_pixels}
+        # The newer switches join the identity only when set, so caches made before they existed stay valid.
+        if self.buckets:
+            settings["buckets"] = True
+        if self.reference_size != "own":
+            settings["reference_size"] = self.reference_size
+        return settings
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size phase 1 gives a target of ``width`` x ``height`` (its bucket with --buckets on)."""
+        if self.buckets:
+            return bucket_size(width, height, self.max_pixels, self.grid)
+        return fit_size(width, height, self.max_pixels, self.multiple)
+
+    def reference_size_for(self, width: int, height: int, target: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The size of a reference of ``width`` x ``height``: the target's size with reference_size target (when
+        there is one: sampling has none, its first reference is the edited image), else its own rule."""
+        if self.reference_size == "target" and target is not None:
+            return target
+        budget = self.ref_max_pixels or self.max_pixels
+        if self.buckets:
+            return bucket_size(width, height, budget, self.grid)
+        return fit_size(width, height, budget, self.multiple)
+
+
+def bucket_size(width: int, height: int, max_pixels: int, grid: int) -> tuple[int, int]:
+    """The aspect bucket of (width, height): scaled (up or down) to ``max_pixels`` keeping aspect, sides floored to
+    ``grid``; never more than ``max_pixels`` (an extreme aspect ratio gives up length on its long side)."""
+    scale = math.sqrt(max_pixels / (width * height))
+    w = max(grid, int(width * scale) // grid * grid)
+    h = max(grid, int(height * scale) // grid * grid)
+    if w * h > max_pixels:   # a short side raised to one grid step: shorten the long side to stay in budget
+        if w > h:
+            w = max(grid, max_pixels // h // grid * grid)
+        else:
+            h = max(grid, max_pixels // w // grid * grid)
+    return w, h
 
 
 def fit_size(width: int, height: int, max_pixels: int, multiple: int) -> tuple[int, int]:
@@ -223,14 +279,14 @@ def check_aspect_ratio(width: int, height: int, what: str) -> None:
 
 # ---- a sample's images as every family encodes them (8x8 latent cells) -----------------------------------
 
-def fit_reference(image: Image.Image, resize: ResizeConfig) -> Image.Image:
-    """Size one reference image: the one rule phase 1, sampling and the app share."""
-    return resize_to(image.convert("RGB"), fit_size(*image.size, resize.ref_max_pixels or resize.max_pixels,
-                                                    resize.multiple))
+def fit_reference(image: Image.Image, resize: ResizeConfig, target: tuple[int, int] | None = None) -> Image.Image:
+    """Size one reference image: the one rule phase 1, sampling and the app share (``target``: the target's size,
+    which --reference_size target gives every reference)."""
+    return resize_to(image.convert("RGB"), resize.reference_size_for(*image.size, target))
 
 
-def load_references(paths, resize: ResizeConfig) -> list[Image.Image]:
-    return [fit_reference(load_rgb(path), resize) for path in paths]
+def load_references(paths, resize: ResizeConfig, target: tuple[int, int] | None = None) -> list[Image.Image]:
+    return [fit_reference(load_rgb(path), resize, target) for path in paths]
 
 
 def mask_to_latent_grid(mask: Image.Image, size: tuple[int, int]):
@@ -245,14 +301,14 @@ def mask_to_latent_grid(mask: Image.Image, size: tuple[int, int]):
 
 def fit_target(image: Image.Image, resize: ResizeConfig) -> Image.Image:
     """Size an image the model generates (the target, a ref_gt): the target's pixel budget and multiple."""
-    return resize_to(image, fit_size(*image.size, resize.max_pixels, resize.multiple))
+    return resize_to(image, resize.target_size(*image.size))
 
 
 def prepare_images(sample, resize: ResizeConfig):
     """Decode and size a dataset row's target, references and mask exactly as phase 1 encodes them."""
     target = fit_target(load_rgb(sample.image), resize)
     mask = load_mask(sample.mask) if sample.mask else None
-    return target, load_references(sample.edit_images, resize), mask
+    return target, load_references(sample.edit_images, resize, target.size), mask
 
 
 def prepare_ref_gt(sample, resize: ResizeConfig) -> Image.Image | None:

@@ -319,7 +319,8 @@ class LatentBridgeMatching(Objective):
                 raise EditTunerError(
                     f"--objective lbm: sample {record['id']!r} has its first reference at latent shape "
                     f"{shapes.get('ref.0')} but the target at {shapes['target']}; the bridge starts from the reference, "
-                    "so both must match. Use same-size source/target pairs and the same pixel budget for both in phase 1.")
+                    "so both must match. Use same-size source/target pairs and the same pixel budget for both in phase 1 (or "
+                    "--reference_size target, which gives every reference the target's size).")
         if self.to_ref_gt:
             self._check_ref_gt(reader)
 

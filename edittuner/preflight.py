@@ -15,10 +15,11 @@ from pathlib import Path
 
 from .atomic import FolderLock, check_output_dir
 from .configs import PrecomputeConfig, TrainConfig
-from .dataset import load_dataset
+from .dataset import GenerateConfig, load_dataset
 from .errors import EditTunerError, about
 from .launch import deepspeed_config_file
 from .models import ModelSource
+from .sources import read_datasets_file
 
 
 def check_model_folders(model: ModelSource) -> None:
@@ -80,6 +81,22 @@ def check_sub_stream_target(phase_2: TrainConfig, rows: list, dataset_json) -> N
             "regenerate the dataset JSON, or use --sub_stream_target target")
 
 
+def check_datasets(phase_1: PrecomputeConfig) -> list:
+    """The rows of phase 1's dataset file, or of every --datasets source (a raw folder: that it is one; phase 1
+    makes its dataset JSON)."""
+    if phase_1.datasets is None:
+        with about("--dataset_json"):
+            return load_dataset(phase_1.dataset_json, root=phase_1.data_root, base_path=phase_1.dataset_base_path)
+    rows = []
+    with about("--datasets"):
+        for source in read_datasets_file(phase_1.datasets, phase_1.resize):
+            if source.is_raw:
+                GenerateConfig(raw_dir=source.path, output=Path(phase_1.cache_dir) / "unused.json")
+            else:
+                rows += load_dataset(source.path, root=phase_1.data_root, base_path=source.base_path)
+    return rows
+
+
 def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
                  accelerate_config: str | os.PathLike | None = None) -> None:
     """Phase 1's refusals (dataset and validation JSONs, cache folder, encoder files) and phase 2's
@@ -87,10 +104,9 @@ def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
     will run."""
     with about("--accelerate_config"):
         deepspeed = deepspeed_config_file(accelerate_config) if accelerate_config else None
-    with about("--dataset_json"):
-        rows = load_dataset(phase_1.dataset_json, root=phase_1.data_root)
+    rows = check_datasets(phase_1)
     if phase_2 is not None:
-        check_sub_stream_target(phase_2, rows, phase_1.dataset_json)
+        check_sub_stream_target(phase_2, rows, phase_1.dataset_json or phase_1.datasets)
     if phase_1.validation_json is not None:
         with about("--validation_json"):
             validation = load_dataset(phase_1.validation_json, root=phase_1.data_root)
@@ -104,7 +120,7 @@ def check_launch(phase_1: PrecomputeConfig, phase_2: TrainConfig | None,
 
     from .cache import check_validation_overlap   # torch from here on
     if phase_1.validation_json is not None:
-        check_validation_overlap(rows, validation, phase_1.dataset_json, phase_1.validation_json)
+        check_validation_overlap(rows, validation, phase_1.datasets or phase_1.dataset_json, phase_1.validation_json)
     if phase_2 is not None:   # before phase 1's model check: its run folder refusals need no model engine
         from .trainer import check_train
         if phase_2.deepspeed_config is None:   # what the workers read from accelerate's environment

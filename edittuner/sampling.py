@@ -268,7 +268,8 @@ class Editor:
         refs = []
         for number, reference in enumerate(references, 1):
             check_aspect_ratio(*reference.size, f"reference {number}")
-            ref = self.encoder.fit_reference(reference, self.resize)
+            # --reference_size target: the first reference is the image edited, so the output's size.
+            ref = self.encoder.fit_reference(reference, self.resize, refs[0].size if refs else None)
             vl_size = self.encoder.vision_size(ref.width, ref.height)
             if min(vl_size) <= 0 or max(vl_size) / min(vl_size) > MAX_ASPECT_RATIO:
                 raise EditTunerError(

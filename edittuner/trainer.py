@@ -16,7 +16,6 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .atomic import FolderLock, atomic_path, check_output_dir, write_json
-from .batching import shape_groups
-from .cache import VALIDATION_SUBDIR, CacheReader, record_pixels, sha256_file
+from .batching import DataOrder, record_bucket, shape_groups
+from .cache import VALIDATION_SUBDIR, CacheReader, open_cache, record_pixels, sha256_file
 from .checkpoint import claim_run_dir, load_state, read_trainer_state, resolve_resume, save_state, write_checkpoint
 from .configs import DEFAULT_VALIDATION_STEPS, SamplerConfig, TrainConfig
 from .distributed import AccelerateRuntime, DeepSpeedRuntime, deepspeed_config_from_env, resolve_deepspeed_config
@@ -67,18 +66,6 @@ class _ScheduleFreeEval:
                 for p, kept in zip(self.params, self.training_view):
                     p.copy_(kept)
         return False
-
-
-@lru_cache(maxsize=2)
-def _epoch_order(dataset_size: int, seed: int, epoch: int) -> tuple[int, ...]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(dataset_size, generator=generator).tolist())
-
-
-def sample_at(position: int, dataset_size: int, seed: int) -> int:
-    """Cache index for global sample position ``position``: a fresh seeded permutation every epoch."""
-    epoch, offset = divmod(position, dataset_size)
-    return _epoch_order(dataset_size, seed, epoch)[offset]
 
 
 def seed_for_position(seed: int, position: int) -> int:
@@ -251,13 +238,17 @@ def check_resume_layout(resume_dir: Path, trainer_state: dict, runtime) -> None:
 # and the data order. The rest may change on resume; RESUME_CHANGEABLE are the ones the optimizer holds, and
 # they take effect from the next step (steps, saving, evaluation, previews and levers are read as the run goes).
 RESUME_FIXED = ("model_version", "rank", "alpha", "lora_targets", "zero_cond_t", "objective", "optimizer", "seed",
-                "gradient_accumulation", "batch_size", "flow", "bridge", "cfg_dropout")
+                "gradient_accumulation", "batch_size", "bucket_batches", "flow", "bridge", "cfg_dropout")
 RESUME_CHANGEABLE = ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")
 
 
-def cache_identity_of(reader: CacheReader) -> str:
-    """The samples a run trains on (ids and file hashes), which its data order is a function of."""
-    records = [(r["id"], r.get("file_sha256") or r["file"]) for r in reader.records]
+def cache_identity_of(reader) -> str:
+    """The samples a run trains on (ids and file hashes; with several sources, each one's source and its slots
+    per epoch), which its data order is a function of."""
+    records = [(r["id"], r.get("file_sha256") or r["file"]) + ((r["source"],) if "source" in r else ())
+               for r in reader.records]
+    if reader.per_epoch is not None:
+        records.append(list(reader.per_epoch))
     return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
 
 
@@ -480,9 +471,11 @@ class TrainingRun:
         self.cfg, self.mixed = cfg, resolve_mixed(cfg)
         self.runtime = runtime = make_runtime(cfg, self.mixed)
         self.output_dir = Path(cfg.output_dir)
-        self.reader = CacheReader(cfg.cache_dir, expected_resize=cfg.resize,
-                                  expected_encoders=cfg.model.encoder_fingerprint(),
-                                  expected_model_version=cfg.model_version)
+        self.reader = open_cache(cfg.cache_dir, expected_resize=cfg.resize,
+                                 expected_encoders=cfg.model.encoder_fingerprint(),
+                                 expected_model_version=cfg.model_version)
+        buckets = [record_bucket(r) for r in self.reader.records] if cfg.bucket_batches else None
+        self.order = DataOrder(self.reader.sizes, self.reader.per_epoch, cfg.seed, cfg.batch_size, buckets)
         self.objective = make_objective(cfg)
         self.objective.check_cache(self.reader)
         check_negative_prompts(cfg, self.reader)
@@ -665,11 +658,11 @@ class TrainingRun:
         world, rank, ga, batch = runtime.num_processes, runtime.process_index, cfg.gradient_accumulation, cfg.batch_size
         total, dropped = torch.zeros((), device=runtime.device), 0
         for micro in range(ga):
-            # A micro-step takes batch_size consecutive global positions (batch 1: position k is micro-step k's),
-            # split into groups of equal latent shapes, each group one forward.
+            # A micro-step takes batch_size consecutive global positions (batch 1: position k is micro-step k's):
+            # one bucket's under --bucket_batches, else split into groups of equal latent shapes, each one forward.
             first = ((step * ga + micro) * world + rank) * batch
             positions = list(range(first, first + batch))
-            indices = [sample_at(p, len(self.reader), cfg.seed) for p in positions]
+            indices = [self.order.index(p) for p in positions]
             samples = [self.reader.load(i) for i in indices]
             for k, position in enumerate(positions):
                 if cfg_dropped(cfg.seed, position, cfg.cfg_dropout):

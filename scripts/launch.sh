@@ -15,14 +15,17 @@ if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="${PYTHON:-$ROOT/.venv/bin/pytho
 PHASE1=(); PHASE2=(); VARIABLES=""
 to() { local -n args=$1; local v var; shift
   for v; do var="${v%%:*}"; [ -z "${!var:-}" ] || { args+=("--${v#*:}" "${!var}"); VARIABLES+="$var=--${v#*:} "; }; done; }
-SHARED=(PRESET:model_version CACHE_DIR:cache_dir MAX_PIXELS:max_pixels MULTIPLE:multiple)   # the same in both phases
+SHARED=(PRESET:model_version CACHE_DIR:cache_dir MAX_PIXELS:max_pixels MULTIPLE:multiple BUCKETS:buckets
+        REFERENCE_SIZE:reference_size)   # the same in both phases
+DATASETS="${DATASETS:-}"   # a datasets file (several sources) replaces DATASET_JSON
 
 MODEL_DIR="${MODEL_DIR:-}"
 if [ -z "$MODEL_DIR" ]; then
   echo "${NAME}: no MODEL_DIR set - running on the built-in tiny model with the demo dataset (set MODEL_DIR=/path/to/${NAME} for real weights)"
   DEMO_DATASET="${DEMO_DATASET:-data/demo/dataset.json}"   # a launcher may pick other demo rows (one reference)
-  DATASET_JSON="${DATASET_JSON:-$DEMO_DATASET}"
-  [ -f "$DATASET_JSON" ] || [ "$DATASET_JSON" != "$DEMO_DATASET" ] || "$PYTHON" -m edittuner demo-data --out data/demo
+  [ -n "$DATASETS" ] || DATASET_JSON="${DATASET_JSON:-$DEMO_DATASET}"
+  [ -n "$DATASETS" ] || [ -f "$DATASET_JSON" ] || [ "$DATASET_JSON" != "$DEMO_DATASET" ] \
+    || "$PYTHON" -m edittuner demo-data --out data/demo
   # Tiny-model defaults: small images and a high learning rate so the demo learns in a minute on a CPU.
   STEPS="${STEPS:-60}"; RANK="${RANK:-8}"; GRAD_ACCUM="${GRAD_ACCUM:-2}"
   if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-5e-3}"; fi
@@ -32,16 +35,21 @@ else
   echo "${NAME}: model directory $MODEL_DIR"
   SHARED+=(MODEL_DIR:model_dir TRANSFORMER_DIR:transformer_dir TEXT_ENCODER_DIR:text_encoder_dir VAE_DIR:vae_dir
            PROCESSOR_DIR:processor_dir)
-  DATASET_JSON="${DATASET_JSON:?set DATASET_JSON to your dataset JSON (make one with generate_dataset_json_mp.py)}"
+  [ -n "$DATASETS" ] || DATASET_JSON="${DATASET_JSON:?set DATASET_JSON to your dataset JSON (make one with generate_dataset_json_mp.py) or DiffSynth metadata file, or DATASETS to a datasets file}"
   STEPS="${STEPS:-1000}"; RANK="${RANK:-32}"; GRAD_ACCUM="${GRAD_ACCUM:-}"
   if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-1e-4}"; fi
   MAX_PIXELS="${MAX_PIXELS:-1048576}"; SAVE_EVERY="${SAVE_EVERY:-}"   # unset: edittuner's default
   VALIDATION_STEPS="${VALIDATION_STEPS:-250}"; VALIDATION_INFERENCE_STEPS="${VALIDATION_INFERENCE_STEPS:-}"
 fi
 # Validation pairs: the generator's held-out split beside the dataset JSON if there, or the VALIDATION_JSON named.
-VALIDATION_JSON="${VALIDATION_JSON-${DATASET_JSON%.json}_val.json}"
-[ -f "$VALIDATION_JSON" ] || [ "$VALIDATION_JSON" != "${DATASET_JSON%.json}_val.json" ] || VALIDATION_JSON=""
-DATA_NAME="$(basename "$(dirname "$DATASET_JSON")")-$(basename "$DATASET_JSON" .json)"
+if [ -n "$DATASETS" ]; then DATASET_JSON=""; DATA_FILE="$DATASETS"; VALIDATION_JSON="${VALIDATION_JSON:-}"
+else
+  DATA_FILE="$DATASET_JSON"
+  VALIDATION_JSON="${VALIDATION_JSON-${DATASET_JSON%.json}_val.json}"
+  [ -f "$VALIDATION_JSON" ] || [ "$VALIDATION_JSON" != "${DATASET_JSON%.json}_val.json" ] || VALIDATION_JSON=""
+fi
+DATA_BASE="$(basename "$DATA_FILE")"
+DATA_NAME="$(basename "$(dirname "$DATA_FILE")")-${DATA_BASE%.*}"
 CACHE_DIR="${CACHE_DIR:-data/cache/$DATA_NAME}"
 # A run folder per launcher and dataset (the demo: one per launcher); a folder holding another run is refused
 # by the check below unless RESUME=latest continues it or OVERWRITE=on replaces it.
@@ -73,10 +81,11 @@ fi
 
 # CFG dropout trains on each sample's negative prompt: phase 1 encodes them when CFG_DROPOUT is above 0.
 if [[ ! "${CFG_DROPOUT:-0}" =~ ^0*\.?0*$ ]]; then NEGATIVE_PROMPTS="${NEGATIVE_PROMPTS:-on}"; fi
-
-to PHASE1 "${SHARED[@]}" DATASET_JSON:dataset_json VALIDATION_JSON:validation_json NEGATIVE_PROMPTS:negative_prompts
+to PHASE1 "${SHARED[@]}" DATASET_JSON:dataset_json DATASET_BASE_PATH:dataset_base_path DATASETS:datasets \
+  VALIDATION_JSON:validation_json NEGATIVE_PROMPTS:negative_prompts
 to PHASE2 "${SHARED[@]}" OUTPUT_DIR:output_dir STEPS:max_steps LR:learning_rate RANK:rank SEED:seed \
-  GRAD_ACCUM:gradient_accumulation SAVE_EVERY:save_every BATCH_SIZE:batch_size RESUME:resume OBJECTIVE:objective \
+  GRAD_ACCUM:gradient_accumulation SAVE_EVERY:save_every BATCH_SIZE:batch_size BUCKET_BATCHES:bucket_batches \
+  RESUME:resume OBJECTIVE:objective \
   OPTIMIZER:optimizer ATTENTION:attention COMPILE:compile BASE_QUANTIZATION:base_quantization \
   OFFLOAD_BLOCKS:offload_blocks LORA_TARGETS:lora_targets INIT_LORA:init_lora CFG_DROPOUT:cfg_dropout \
   EMA_DECAY:ema_decay
@@ -109,7 +118,7 @@ MAIN_PROCESS_PORT=--main_process_port"
 # edittuner.launch is accelerate's launcher keeping the workers' exit status (2 for a clear error) and no traceback.
 LAUNCH=("$PYTHON" -m edittuner.launch --config_file "$ACCELERATE_CONFIG" --num_processes "$NUM_PROCESSES"
         "${MACHINES[@]}" -m edittuner)
-echo "== phase 1: encoding $DATASET_JSON into $CACHE_DIR"
+echo "== phase 1: encoding $DATA_FILE into $CACHE_DIR"
 "${LAUNCH[@]}" precompute "${PHASE1[@]}"
 
 echo "== phase 2: training the DiT LoRA ($OBJECTIVE, $OPTIMIZER) into $OUTPUT_DIR"

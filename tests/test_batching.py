@@ -87,10 +87,10 @@ def same_shape_cache(demo_dir, resize, tmp_path_factory):
     return work / "cache"
 
 
-def _run(cache, out, resize, batch_size, ga, steps=2):
+def _run(cache, out, resize, batch_size, ga, steps=2, bucket_batches=True):
     cfg = TrainConfig(cache_dir=cache, output_dir=out, resize=resize, max_steps=steps, learning_rate=1e-3, rank=4,
                       gradient_accumulation=ga, batch_size=batch_size, gradient_checkpointing=False,
-                      eval_samples=0, save_every=1000)
+                      eval_samples=0, save_every=1000, bucket_batches=bucket_batches)
     train(cfg, progress=False)
     return [m["loss"] for m in read_metrics(out / "metrics.jsonl")], load_file(out / "lora.safetensors")
 
@@ -98,9 +98,10 @@ def _run(cache, out, resize, batch_size, ga, steps=2):
 @pytest.mark.parametrize("cache_name, batch", [("same_shape_cache", 2), ("demo_cache", 4)])
 def test_batch_size_run_equals_accumulation_at_batch_1(request, resize, tmp_path, cache_name, batch):
     """batch_size B, ga 1 sees the same samples, timesteps and noise as batch_size 1, ga B: same losses and LoRA.
-    On the demo cache (mixed shapes) a micro-step splits into shape groups, weighted by size."""
+    One bucket (same shapes): bucket batches are the plain order. On the demo cache (mixed shapes) with
+    --bucket_batches off a micro-step splits into shape groups, weighted by size."""
     cache = request.getfixturevalue(cache_name)
-    losses_b, lora_b = _run(cache, tmp_path / "b", resize, batch, 1)
+    losses_b, lora_b = _run(cache, tmp_path / "b", resize, batch, 1, bucket_batches=cache_name == "same_shape_cache")
     losses_1, lora_1 = _run(cache, tmp_path / "one", resize, 1, batch)
     assert losses_b == pytest.approx(losses_1, rel=1e-5)
     for k in lora_1:

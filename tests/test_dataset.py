@@ -100,7 +100,10 @@ def test_bad_raw_folder_and_flags(tmp_path):
 @pytest.mark.parametrize("row, message", [
     ({"image": "t.png", "edit_image": ["s.png"]}, 'missing field "prompt"'),
     ({"prompt": " ", "image": "t.png", "edit_image": ["s.png"]}, "empty prompt"),
-    ({"prompt": "p", "image": "t.png", "edit_images": ["s.png"], "edit_image": ["s.png"]}, "unknown field"),
+    ({"prompt": "p", "image": "t.png", "edit_image": ["s.png"], "width": "80"}, '"width" must be a whole number'),
+    ({"prompt": ["p"], "image": "t.png", "edit_image": ["s.png"]}, '"prompt" must be text'),
+    ({"prompt": "p", "image": "t.png", "edit_image": [3]}, r'"edit_image\[0\]" must be a file path'),
+    ({"prompt": "p", "image": "t.png", "edit_image": "s.png", "back_mask": 1}, '"back_mask" must be a file path'),
     ({"prompt": "p", "image": "t.png", "edit_image": ["gone.png"]}, "does not exist"),
     ({"prompt": "p", "image": "t.png", "edit_image": []}, "1 to 3 reference"),
 ])

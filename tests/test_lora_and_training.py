@@ -14,7 +14,8 @@ from edittuner.objectives import flow_matching_losses
 from edittuner.families.qwen_image_edit.denoiser import DiTDenoiser, training_scheduler
 from edittuner.families.qwen_image_edit.tiny import build_tiny_dit, build_tiny_encoders
 from edittuner.tracking import read_metrics
-from edittuner.trainer import TrainConfig, sample_at, train
+from edittuner.batching import sample_at
+from edittuner.trainer import TrainConfig, train
 
 
 def test_preset_targets():

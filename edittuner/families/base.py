@@ -62,7 +62,8 @@ class SampleEncoder(Protocol):
 
     prompt_template: str
 
-    def fit_reference(self, image: "Image.Image", resize: "ResizeConfig") -> "Image.Image": ...
+    def fit_reference(self, image: "Image.Image", resize: "ResizeConfig",
+                      target: tuple[int, int] | None = None) -> "Image.Image": ...
 
     def prepare(self, sample: "Sample", resize: "ResizeConfig") -> tuple: ...
 
@@ -92,9 +93,10 @@ class ImageSides:
 
     pipe: Any = None
 
-    def fit_reference(self, image: "Image.Image", resize: "ResizeConfig") -> "Image.Image":
+    def fit_reference(self, image: "Image.Image", resize: "ResizeConfig",
+                      target: tuple[int, int] | None = None) -> "Image.Image":
         from ..images import fit_reference
-        return fit_reference(image, resize)
+        return fit_reference(image, resize, target)
 
     def prepare(self, sample: "Sample", resize: "ResizeConfig") -> tuple:
         from ..images import prepare_images
