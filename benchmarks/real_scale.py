@@ -528,6 +528,7 @@ def run_phase2_case(name: str, run: Run, log) -> dict:
         log(f"  refused: {exc}")
         return {**row, "status": "refused", "error": str(exc)}
     warmup = max(run.warmup, 3) if levers.compile else run.warmup
+    row.update(planned(run.scale, levers))
     try:
         with attention_backend(levers.attention):
             measure_phase2(run, levers, row, warmup, log)
@@ -542,6 +543,23 @@ def run_phase2_case(name: str, run: Run, log) -> dict:
             row.update({f"{k}_at_failure": v for k, v in peak_memory(run.device).items()})
         free_memory(run.device)
     return row
+
+
+def planned(scale: Scale, levers: PerformanceConfig) -> dict:
+    """`edittuner plan`'s prediction for this case (real scale only: the plan is of the released model), so the
+    results table shows it beside the measured peak (BENCHMARKS.md, "Memory plan", check c)."""
+    if scale.name != "real":
+        return {}
+    try:
+        from edittuner.configs import PlanConfig
+        from edittuner.plan import make_plan
+        plan = make_plan(PlanConfig(model_version=PRESET.name, resolution=scale.image_size, references=1,
+                                    text_tokens=scale.text_tokens, rank=RANK,
+                                    base_quantization=levers.base_quantization, offload_blocks=levers.offload_blocks))
+        predicted = plan.phase2(plan.levers)
+        return {"planned_peak_gib": predicted.peak / GiB, "planned_card_need_gib": predicted.card_need / GiB}
+    except Exception as exc:  # noqa: BLE001 - a plan failure must not cost the measurement
+        return {"planned_error": error_message(exc)}
 
 
 def compare_with_baseline(results: dict, predictions: dict) -> None:
@@ -723,7 +741,11 @@ def _bytes(n: float) -> str:
 def _memory(row: dict) -> str:
     if row.get("peak_allocated_gib") is None:
         return "n/a (CPU)"
-    return f"{row['peak_allocated_gib']:.2f} GiB allocated, {row['peak_reserved_gib']:.2f} GiB reserved"
+    plan = ""
+    if row.get("planned_peak_gib") is not None:   # `edittuner plan`'s prediction beside the measurement
+        plan = (f" (plan: {row['planned_peak_gib']:.2f} GiB allocated, "
+                f"{row['planned_peak_gib'] / row['peak_allocated_gib']:.3f} of measured)")
+    return f"{row['peak_allocated_gib']:.2f} GiB allocated, {row['peak_reserved_gib']:.2f} GiB reserved{plan}"
 
 
 def _cell(text: str) -> str:

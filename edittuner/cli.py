@@ -1,5 +1,5 @@
-"""`edittuner` command line: dataset, precompute, train, check, sample, evaluate, plot, demo-data, export-lora. Bad input
-exits 2 with
+"""`edittuner` command line: dataset, precompute, train, check, plan, sample, evaluate, plot, demo-data, export-lora.
+Bad input exits 2 with
 one message; under a launcher it names the launcher's variable that set the flag."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from itertools import groupby
 from pathlib import Path
 
-from .configs import EvaluateConfig, PrecomputeConfig, SampleConfig, TrainConfig
+from .configs import EvaluateConfig, PlanConfig, PrecomputeConfig, SampleConfig, TrainConfig
 from .dataset import GenerateConfig, generate_dataset_json
 from .errors import EditTunerError
 from .families import family_of
@@ -123,6 +123,11 @@ def cmd_plot(args) -> None:
     print(f"wrote {plot_metrics(Path(args.run_dir))}")
 
 
+def cmd_plan(args) -> None:
+    from .plan import main
+    print(main(from_args(PlanConfig, args)))
+
+
 def cmd_demo_data(args) -> None:
     from .demo import make_demo_dataset
     print(make_demo_dataset(Path(args.out), size=args.size))
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--main_process_ip", default=None, help="the main machine's address (several machines)")
     p.add_argument("--main_process_port", type=int, default=None, help="the main machine's port (several machines)")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="-- then the flags of `edittuner train`")
+    _command(sub, "plan", cmd_plan, "will it fit: phase 2's and phase 1's memory per GPU, step FLOPs and time, and "
+             "the lever sets that fit a card, for the released model (nothing loaded)", PlanConfig)
     _command(sub, "sample", cmd_sample, "edit an image (or every row of a dataset JSON) with the base model and an "
              "optional LoRA", SampleConfig)
 

@@ -469,7 +469,6 @@ class TrainConfig:
         return json.loads(json.dumps(data, default=str))
 
 
-
 @dataclass(frozen=True)
 class EvaluateConfig:
     """`edittuner evaluate`: the edit metrics (metrics.py) of a folder of predictions against a dataset's targets."""
@@ -485,3 +484,96 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.out is not None and Path(self.out).suffix.lower() != ".json":
             raise EditTunerError(f"--out {self.out}: name a .json file (the Markdown table is written beside it as .md)")
+
+
+@dataclass(frozen=True)
+class Card:
+    """A GPU the plan knows: memory and dense BF16 tensor-core peak (FP32 accumulate, no 2:4 sparsity: datasheets
+    print the sparse figure, twice these), and whether it runs fp8 weights (compute capability 8.9+)."""
+
+    memory_gb: float
+    bf16_tflops: float
+    fp8: bool
+    source: str
+
+
+# `edittuner plan --card`: the cards the time and fit tables name (README "Will it fit?").
+CARDS: dict[str, Card] = {
+    "4090": Card(24, 165.2, True, "NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090: 165.2 dense "
+                 "FP16/BF16 with FP32 accumulate (330.3 with FP16 accumulate)"),
+    "L40S": Card(48, 362.05, True, "NVIDIA L40S datasheet: 733 BF16 with sparsity, 362.05 dense"),
+    "A100": Card(80, 312.0, False, "NVIDIA A100 datasheet (80 GB SXM and PCIe): 312 BF16 dense (624 sparse)"),
+    "H100": Card(80, 989.0, True, "NVIDIA H100 datasheet, SXM5: 1979 BF16 with sparsity, 989 dense"),
+    "RTX6000-Blackwell": Card(96, 503.8, True, "NVIDIA RTX Blackwell architecture whitepaper, RTX PRO 6000 "
+                              "Blackwell: 503.8 dense FP16/BF16 with FP32 accumulate (1007.6 sparse)"),
+    "H200": Card(141, 989.0, True, "NVIDIA H200 datasheet, SXM: 1979 BF16 with sparsity, 989 dense"),
+}
+PLAN_MFU = 0.4   # the fraction of the bf16 peak the time estimate assumes (BENCHMARKS.md: measured MFU)
+
+
+@dataclass
+class PlanConfig:
+    """`edittuner plan`: what phase 2 and phase 1 of a real run will need per GPU, before renting one (plan.py)."""
+
+    model_version: str = field(default=DEFAULT_MODEL_VERSION, metadata={"choices": VERSIONS, "help": (
+        "the model (its released sizes, LoRA targets, zero_cond_t)")})
+    resolution: int = field(default=1024, metadata={"help": (
+        "side of a square target and of each reference in pixels (default 1024)")})
+    references: int = field(default=1, metadata={"help": "reference images per sample (default 1)"})
+    cache_dir: Path | None = field(default=None, metadata={"help": (
+        "a phase-1 cache: plan for its largest sample (latent sizes, references and prompt length as cached) "
+        "instead of --resolution / --references")})
+    text_tokens: int | None = field(default=None, metadata={"help": (
+        "prompt-embedding tokens (default: the family's estimate for a one-sentence instruction)")})
+    rank: int = field(default=32, metadata={"help": "LoRA rank (default 32)"})
+    lora_targets: tuple[str, ...] | None = field(default=None, metadata={
+        "type": name_list, "help": "comma-separated module suffixes (default from the preset)"})
+    batch_size: int = field(default=1, metadata={"help": "samples per micro-step (default 1)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "on/off (default on)"})
+    mixed_precision: str = field(default="bf16", metadata={"choices": ("bf16", "no"), "help": (
+        "bf16 (default: what a GPU run uses) or no (fp32, the CPU's)")})
+    base_quantization: str = field(default="none", metadata={"choices": BASE_QUANTIZATION, "help": (
+        "the levers of the breakdown: int8 / fp8 base (default none)")})
+    offload_blocks: bool = field(default=False, metadata={"help": "block offload (default off)"})
+    zero3: bool = field(default=False, metadata={"help": "DeepSpeed ZeRO-3 over --gpus (default off: DDP)"})
+    gpus: int = field(default=1, metadata={"help": "GPUs phase 2 runs on (default 1)"})
+    gpu_memory: float | None = field(default=None, metadata={"help": (
+        "memory of one GPU in GB: list the lever sets that fit it (or --card)")})
+    card: str | None = field(default=None, metadata={"choices": tuple(CARDS), "help": (
+        "a named card: its memory and bf16 peak (README 'Will it fit?')")})
+    mfu: float = field(default=PLAN_MFU, metadata={"help": (
+        f"fraction of the card's dense bf16 peak the step time assumes (default {PLAN_MFU})")})
+    brief: bool = field(default=False, metadata={"action": "store_true", "help": (
+        "one line (what the launchers print before phase 2)")})
+
+    def __post_init__(self):
+        preset = check_version(self.model_version)
+        self.lora_targets = tuple(self.lora_targets or preset.lora_targets)
+        checks = [(64 <= self.resolution <= 8192 and self.resolution % 16 == 0,
+                   f"--resolution {self.resolution}: must be a multiple of 16 between 64 and 8192"),
+                  (self.references >= 0, f"--references {self.references}: must be >= 0"),
+                  (1 <= self.rank <= 1024, f"--rank {self.rank}: must be between 1 and 1024"),
+                  (self.batch_size >= 1, f"--batch_size {self.batch_size}: must be >= 1"),
+                  (self.gpus >= 1, f"--gpus {self.gpus}: must be >= 1"),
+                  (self.text_tokens is None or self.text_tokens >= 1, f"--text_tokens {self.text_tokens}: must be >= 1"),
+                  (self.gpu_memory is None or 0 < self.gpu_memory <= 10_000,
+                   f"--gpu_memory {self.gpu_memory}: GB of one GPU, e.g. 24, 48, 80"),
+                  (0 < self.mfu <= 1, f"--mfu {self.mfu}: a fraction of the peak, e.g. 0.4"),
+                  (self.card is None or self.card in CARDS, f"--card {self.card}: choose one of {', '.join(CARDS)}"),
+                  (self.mixed_precision in ("bf16", "no"), f"--mixed_precision {self.mixed_precision}: choose bf16 or no"),
+                  (self.base_quantization in BASE_QUANTIZATION,
+                   f"--base_quantization {self.base_quantization}: choose one of {', '.join(BASE_QUANTIZATION)}"),
+                  (not (self.card and self.gpu_memory), "--card and --gpu_memory: give one (a card names its memory)"),
+                  (not (self.zero3 and self.gpus == 1), "--zero3 needs --gpus 2 or more (ZeRO-3 shards over GPUs)"),
+                  (not (self.offload_blocks and not self.gradient_checkpointing),
+                   "--offload_blocks needs --gradient_checkpointing on"),
+                  (not (self.zero3 and (self.offload_blocks or self.base_quantization != "none")),
+                   "--zero3 with --offload_blocks or --base_quantization: not combined (performance.py refuses it)"),
+                  (not (self.offload_blocks and self.base_quantization != "none"),
+                   "--offload_blocks with --base_quantization: not combined (performance.py refuses it); pick one")]
+        for ok, message in checks:
+            if not ok:
+                raise EditTunerError(message)
+        reason = FAMILIES[preset.family].reference_refusal(preset, self.references) if self.references else None
+        if reason and self.cache_dir is None:
+            raise EditTunerError(f"--references {self.references}: {reason}")

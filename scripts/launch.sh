@@ -121,5 +121,13 @@ LAUNCH=("$PYTHON" -m edittuner.launch --config_file "$ACCELERATE_CONFIG" --num_p
 echo "== phase 1: encoding $DATA_FILE into $CACHE_DIR"
 "${LAUNCH[@]}" precompute "${PHASE1[@]}"
 
+# One plan line (README "Will it fit?"): phase 2's memory per GPU for the cached samples and these levers, before
+# the model loads. Traced once per configuration and cached; the tiny model skips it (nothing to plan there).
+if [ -n "$MODEL_DIR" ]; then
+  PLAN=(--model_version "$PRESET" --cache_dir "$CACHE_DIR" --rank "$RANK" --batch_size "$BATCH_SIZE"
+        --base_quantization "$BASE_QUANTIZATION" --offload_blocks "$OFFLOAD_BLOCKS" --gpus "$NUM_PROCESSES")
+  case "$ACCELERATE_CONFIG" in *zero3*) PLAN+=(--zero3 on);; esac
+  "$PYTHON" -m edittuner plan --brief "${PLAN[@]}" || echo "plan: not available (the run goes on)"
+fi
 echo "== phase 2: training the DiT LoRA ($OBJECTIVE, $OPTIMIZER) into $OUTPUT_DIR"
 "${LAUNCH[@]}" train "${PHASE2[@]}"

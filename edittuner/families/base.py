@@ -44,6 +44,25 @@ class Preset:
 
 
 @dataclass(frozen=True)
+class RealSize:
+    """The released model's sizes, for ``edittuner plan`` (plan.py traces the DiT at ``dit_config`` with fewer
+    blocks and extrapolates; the encoders it counts). ``depth``: each config key that counts repeated blocks, with
+    the fewest blocks a traced model may have (a LoRA preset may need more than one). ``offloaded``: the DiT's
+    block lists that performance.py quantizes and offloads. ``vae_width``: the VAE's first-level channels (the
+    phase-1 activation estimate at full resolution)."""
+
+    dit_config: dict
+    depth: dict
+    offloaded: tuple[str, ...]
+    text_encoder_parameters: int
+    vae_parameters: int
+    vae_width: int
+    text_hidden: int = 3584          # Qwen2.5-VL-7B: the prompt embedding's width
+    text_intermediate: int = 18944
+    latent_channels: int = 16
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A version as a run uses it: the preset with the run's switches. Objectives and samplers get this and
     ask its family for the denoiser's inputs, so they never know which model they drive."""
@@ -158,6 +177,19 @@ class Family(ABC):
 
     @abstractmethod
     def load_vae(self, source: "ModelSource", dtype, device) -> "torch.nn.Module": ...
+
+    @abstractmethod
+    def real_size(self, preset: Preset) -> RealSize:
+        """The released model's sizes (``edittuner plan``)."""
+
+    @abstractmethod
+    def dit_from_config(self, config: dict) -> "torch.nn.Module":
+        """The family's DiT class at ``config``'s sizes, built on the current default device (plan.py: meta)."""
+
+    def plan_text_tokens(self, preset: Preset, references: int) -> int:
+        """Prompt-embedding tokens of a one-sentence instruction with ``references`` images (the plan's default):
+        per reference about 203 (a 384x384 vision input is 196 tokens, plus its markers), plus ~29."""
+        return references * 203 + 29
 
     @abstractmethod
     def encoder_fingerprint(self, source: "ModelSource") -> str | None:

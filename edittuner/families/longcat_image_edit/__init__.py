@@ -9,7 +9,7 @@ training schedule, the pipeline's sampling loop).
 
 from __future__ import annotations
 
-from ..base import Family, ModelSpec
+from ..base import Family, ModelSpec, RealSize
 from .presets import NAME, PRESETS, VERSION, selects_module
 
 
@@ -57,6 +57,20 @@ class LongCatImageEdit(Family):
             return place(build_tiny_vae(source.tiny_seed), device, dtype)
         from .models import load_vae
         return load_vae(source, dtype, device)
+
+    def real_size(self, preset):
+        # LongCat-Image-Edit's transformer/config.json: FLUX-like, 10 double-stream and 20 single-stream blocks,
+        # 24 heads x 128, Qwen2.5-VL-7B's 3584-wide embeddings; FLUX.1's VAE (83.8 M, base width 128).
+        # performance.py quantizes and offloads transformer_blocks (the double-stream ones) only.
+        return RealSize(dit_config={"patch_size": 1, "in_channels": 64, "num_layers": 10, "num_single_layers": 20,
+                                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584,
+                                    "pooled_projection_dim": 3584, "axes_dims_rope": [16, 56, 56]},
+                        depth={"num_layers": 1, "num_single_layers": 1}, offloaded=("transformer_blocks",),
+                        text_encoder_parameters=8_292_166_656, vae_parameters=83_819_683, vae_width=128)
+
+    def dit_from_config(self, config):
+        from diffusers import LongCatImageTransformer2DModel
+        return LongCatImageTransformer2DModel(**config)
 
     def encoder_fingerprint(self, source):
         if source.uses_tiny_encoders:

@@ -8,7 +8,7 @@ the mask on the latent grid) and ``denoiser`` (batched model function, training 
 
 from __future__ import annotations
 
-from ..base import Family, ModelSpec
+from ..base import Family, ModelSpec, RealSize
 from .presets import NAME, PRESETS, UNNAMED_PROMPT_TEMPLATE, selects_module
 
 
@@ -52,6 +52,19 @@ class QwenImageEdit(Family):
             return build_tiny_encoders(source.tiny_seed).vae.to(device=device, dtype=dtype)
         from .models import load_vae
         return load_vae(source, dtype, device)
+
+    def real_size(self, preset):
+        # The released 20B DiT (diffusers' transformer config; EditDiT's defaults), Qwen2.5-VL-7B (8.29 B
+        # parameters with its vision tower) and the Qwen-Image VAE (127 M, base width 96). Two blocks at least:
+        # the 2511 preset's last-block dead ends leave one block without some of its targets.
+        return RealSize(dit_config={"num_layers": 60, "attention_head_dim": 128, "num_attention_heads": 24,
+                                    "joint_attention_dim": 3584, "axes_dims_rope": (16, 56, 56)},
+                        depth={"num_layers": 2}, offloaded=("transformer_blocks",),
+                        text_encoder_parameters=8_292_166_656, vae_parameters=126_892_531, vae_width=96)
+
+    def dit_from_config(self, config):
+        from .models import EditDiT
+        return EditDiT(**config)
 
     def encoder_fingerprint(self, source):
         if source.uses_tiny_encoders:
