@@ -443,6 +443,49 @@ def bench_phase2_processes(work: Path, dataset: Path, steps: int) -> dict:
     return result
 
 
+ZERO_PRODIGY_RUNS = {"zero3_prodigy": ("prodigy_sf", True), "zero3_adamw": ("adamw", True),
+                     "ddp_prodigy": ("prodigy_sf", False)}
+
+
+def bench_zero_prodigy(work: Path, dataset: Path, steps: int, rounds: int = 2) -> dict:
+    """Phase-2 step time of ZeRO-3 + Prodigy (edittuner/prodigy.py's reductions) against ZeRO-3 + AdamW and
+    against DDP + Prodigy: 2 CPU processes under torchrun, accumulation 1, the three runs interleaved in each
+    round; median over the steps after the first two, then over rounds."""
+    cache = _ensure_cache(work, dataset)
+    times: dict[str, list[float]] = {name: [] for name in ZERO_PRODIGY_RUNS}
+    for _ in range(rounds):
+        for name, (optimizer, zero) in ZERO_PRODIGY_RUNS.items():
+            run = work / f"zp-{name}"
+            shutil.rmtree(run, ignore_errors=True)
+            extra = ["--optimizer", optimizer] + (["--deepspeed_config", str(ROOT / "accelerate_configs/zero3.json")]
+                                                  if zero else [])
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                      "127.0.0.1", "--master_port", str(_free_port())]
+            _run_timed(launch + _train_command(cache, run, steps + 2, 1, *extra), _env(2))
+            times[name].append(statistics.median(m["step_time_s"] for m in read_metrics(run / "metrics.jsonl")[2:]))
+    result = {f"{name}_step_s": statistics.median(t) for name, t in times.items()}
+    result["rounds"] = rounds
+    result["zero3_prodigy_over_zero3_adamw"] = result["zero3_prodigy_step_s"] / result["zero3_adamw_step_s"]
+    result["zero3_prodigy_over_ddp_prodigy"] = result["zero3_prodigy_step_s"] / result["ddp_prodigy_step_s"]
+    return result
+
+
+def render_zero_prodigy(results: dict) -> str:
+    r, meta = results["zero_prodigy"], results["zero_prodigy_meta"]
+    return "\n".join([
+        f"`{meta['command']}` on {meta['machine']}, {meta['date']} (shared CPU: ratios of runs interleaved in each "
+        f"of {r['rounds']} rounds; bench DiT, rank 32, 256x256, accumulation 1, 2 processes under torchrun).",
+        "",
+        "| run | step (s) | ratio |",
+        "|---|---|---|",
+        f"| ZeRO-3 + AdamW | {r['zero3_adamw_step_s']:.2f} | 1.00 (baseline) |",
+        f"| ZeRO-3 + Prodigy | {r['zero3_prodigy_step_s']:.2f} | {r['zero3_prodigy_over_zero3_adamw']:.2f} |",
+        f"| DDP + Prodigy | {r['ddp_prodigy_step_s']:.2f} | "
+        f"{r['ddp_prodigy_step_s'] / r['zero3_adamw_step_s']:.2f} |",
+        "",
+        f"ZeRO-3 + Prodigy over DDP + Prodigy: **{r['zero3_prodigy_over_ddp_prodigy']:.2f}**."])
+
+
 def bench_batching(work: Path, steps: int, rounds: int = 2) -> dict:
     """Phase-2 samples/s at --batch_size 1, 2, 4 (accumulation 1, same bench DiT, in this process) on a cache of
     same-shape samples (the demo's square pairs: every micro-step is one batched forward), median step time over
@@ -894,7 +937,7 @@ def update_benchmarks_md(text: str, section: str = "split-phase") -> None:
 
 SPLIT_PHASE = ("dataset", "phase2", "lbm", "sampling", "previews")
 PROCESSES = ("phase1_processes", "phase2_processes", "checkpoint", "resume")
-CASES = SPLIT_PHASE + PROCESSES + ("batching", "buckets", "levers", "longcat", "app")
+CASES = SPLIT_PHASE + PROCESSES + ("batching", "buckets", "levers", "longcat", "app", "zero_prodigy")
 
 
 def parse_only(text: str | None) -> tuple[str, ...]:
@@ -970,6 +1013,9 @@ def main(argv=None) -> int:
         if "longcat" in only:
             results["longcat_meta"] = meta
             results["longcat"] = bench_longcat(work, dataset, steps, 1 if args.quick else 2)
+        if "zero_prodigy" in only:
+            results["zero_prodigy_meta"] = meta
+            results["zero_prodigy"] = bench_zero_prodigy(work, dataset, steps, 1 if args.quick else 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -1004,6 +1050,11 @@ def main(argv=None) -> int:
         print(text)
         if not args.quick:
             update_benchmarks_md(text, "longcat")
+    if "zero_prodigy" in only:
+        text = render_zero_prodigy(results)
+        print(text)
+        if not args.quick:
+            update_benchmarks_md(text, "zero-prodigy")
     if "app" not in only:
         return 0
     # The app's click-to-result latency: its own module (a server on a free loopback port), same run.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import defaults
@@ -159,6 +159,53 @@ class BridgeConfig:
     @property
     def weighting(self) -> FlowMatchConfig:
         return FlowMatchConfig(masked_weight=self.masked_weight, unmasked_weight=self.unmasked_weight)
+
+
+PRODIGY_FLAGS = {"d0": "--prodigy_d0", "d_coef": "--prodigy_d_coef", "betas": "--prodigy_betas",
+                 "steps": "--prodigy_steps", "bias_correction": "--prodigy_bias_correction",
+                 "factored": "--prodigy_factored"}
+
+
+@dataclass(frozen=True)
+class ProdigyConfig:
+    """ProdigyPlusScheduleFree's settings people tune (--optimizer prodigy_sf); the defaults are the package's.
+    Weight decay is the run's --weight_decay (both optimizers). The package's split_groups is not offered: it acts
+    per parameter group, and edittuner trains one (the DiT's LoRA), where the package turns it off itself."""
+
+    d0: float = field(default=1e-6, metadata={"flag": PRODIGY_FLAGS["d0"], "help": (
+        "Prodigy's initial step-size estimate (default 1e-6; 1e-5 to 1e-4 if d never grows)")})
+    d_coef: float = field(default=1.0, metadata={"flag": PRODIGY_FLAGS["d_coef"], "help": (
+        "multiplies Prodigy's estimate of d: the package's preferred tuning knob, e.g. 0.5 or 2 (default 1)")})
+    betas: tuple[float, ...] = field(default=(0.9, 0.99), metadata={"flag": PRODIGY_FLAGS["betas"], "type": float_list,
+                                                                     "help": "beta1,beta2 (default 0.9,0.99)"})
+    steps: int = field(default=0, metadata={"flag": PRODIGY_FLAGS["steps"], "help": (
+        "freeze d after this many optimizer steps and free Prodigy's extra state (default 0: never)")})
+    bias_correction: bool = field(default=False, metadata={"flag": PRODIGY_FLAGS["bias_correction"], "help": (
+        "RAdam-style bias correction with automatic warm-up; slows d's growth (default off)")})
+    factored: bool = field(default=True, metadata={"flag": PRODIGY_FLAGS["factored"], "help": (
+        "Adafactor-style factored second moment of each LoRA matrix, less memory (default on). Under DeepSpeed ZeRO "
+        "the optimizer holds flat partitions, not matrices, and the second moment is per element (as off)")})
+
+    def __post_init__(self):
+        checks = [(self.d0 > 0 and math.isfinite(self.d0), f"--prodigy_d0 {self.d0}: must be a positive number"),
+                  (self.d_coef > 0 and math.isfinite(self.d_coef),
+                   f"--prodigy_d_coef {self.d_coef}: must be a positive number"),
+                  (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                   f"--prodigy_betas {','.join(map(str, self.betas))}: give two numbers in [0, 1), e.g. 0.9,0.99"),
+                  (self.steps >= 0, f"--prodigy_steps {self.steps}: must be >= 0 (0: d adapts for the whole run)")]
+        for ok, message in checks:
+            if not ok:
+                raise EditTunerError(message)
+
+    def changed_flags(self) -> list[str]:
+        """The flags set away from their defaults (refused with another optimizer)."""
+        default = ProdigyConfig()
+        return [PRODIGY_FLAGS[f.name] for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
+
+    def optimizer_kwargs(self) -> dict:
+        """ProdigyPlusScheduleFree's keyword arguments."""
+        return {"d0": self.d0, "d_coef": self.d_coef, "betas": tuple(self.betas), "prodigy_steps": self.steps,
+                "use_bias_correction": self.bias_correction, "factored": self.factored}
 
 
 @dataclass(frozen=True)
@@ -330,11 +377,13 @@ class TrainConfig:
     learning_rate: float | None = field(default=None, metadata={
         "help": "constant after warm-up (default: adamw 1e-4, prodigy_sf 1.0)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (default 0; adamw only)"})
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata={"help": "decoupled weight decay, both optimizers (default 0.01)"})
     max_grad_norm: float | None = field(default=None, metadata={
         "help": "gradient clipping; 0 disables (default: adamw 1.0; refused with prodigy_sf)"})
     optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS, "help": (
         "adamw (default) or ProdigyPlusScheduleFree (lr 1.0, constant, no clipping)")})
+    prodigy: ProdigyConfig = field(default_factory=ProdigyConfig, metadata={
+        "group": "ProdigyPlusScheduleFree (--optimizer prodigy_sf; refused with adamw)"})
     rank: int = field(default=32, metadata={"help": "LoRA rank (default 32)"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: rank)"})
     gradient_accumulation: int | None = field(default=None, metadata={
@@ -415,6 +464,9 @@ class TrainConfig:
         if schedule_free and self.max_grad_norm:
             raise EditTunerError(f"--max_grad_norm {self.max_grad_norm}: gradient clipping is refused with "
                                  "--optimizer prodigy_sf (it breaks Prodigy's step-size estimate); drop the flag")
+        if not schedule_free and self.prodigy.changed_flags():
+            raise EditTunerError(f"{', '.join(self.prodigy.changed_flags())}: Prodigy's settings, but --optimizer is "
+                                 f"{self.optimizer}; drop them or use --optimizer prodigy_sf")
         if schedule_free and self.warmup_steps:
             raise EditTunerError("--warmup_steps: prodigy_sf runs at a constant lr (schedule-free); drop the flag")
         if schedule_free and self.ema_decay:

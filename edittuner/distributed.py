@@ -61,7 +61,7 @@ def resolve_deepspeed_config(path: str | os.PathLike, gradient_accumulation: int
     elif max_grad_norm and config["gradient_clipping"] != max_grad_norm:
         raise EditTunerError(f"--max_grad_norm {max_grad_norm} disagrees with gradient_clipping "
                              f"{config['gradient_clipping']} in {path}; set one of them")
-    # The optimizer is ours (AdamW from torch); DeepSpeed only shards its state.
+    # The optimizer is ours (AdamW from torch, or edittuner.prodigy.GlobalProdigy); DeepSpeed only shards its state.
     config.setdefault("zero_allow_untested_optimizer", True)
     config.setdefault("steps_per_print", 10 ** 9)
     return config
@@ -91,6 +91,8 @@ class DeepSpeedRuntime:
         import deepspeed
 
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        if hasattr(optimizer, "bind_zero"):   # GlobalProdigy: its statistics span the ranks' partitions
+            optimizer.bind_zero(ds_optimizer)
         return self.engine, ds_optimizer
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -47,24 +47,30 @@ class _ScheduleFreeEval:
     ``eval()``/``train()`` move each parameter by a lerp towards the optimizer's z; the round trip is exact in
     real numbers but not in fp32, so a run that saves or evaluates would drift from one that does not. We
     keep the training view and put it back bitwise; ``training_view`` is what a checkpoint stores for resume.
+
+    Under ZeRO-3 the weights are the optimizer's fp32 partitions (``GlobalProdigy.weights``), one per rank: they are
+    kept and put back the same way, and a checkpoint stores no ``training_view`` (its optimizer shards, saved in
+    the training view, hold them).
     """
 
     def __init__(self, optimizer, params: list[torch.Tensor]):
         self.optimizer, self.params = optimizer, params
-        self.training_view: list[torch.Tensor] | None = None
+        self.kept: list[torch.Tensor] | None = None
+
+    @property
+    def training_view(self) -> list[torch.Tensor] | None:
+        return None if self.optimizer is None or self.optimizer.zero is not None else self.kept
 
     def __enter__(self):
         if self.optimizer is not None:
-            self.training_view = [p.detach().clone() for p in self.params]
+            self.kept = [w.detach().clone() for w in self.optimizer.weights(self.params)]
             self.optimizer.eval()
         return self
 
     def __exit__(self, *exc):
         if self.optimizer is not None:
             self.optimizer.train()
-            with torch.no_grad():
-                for p, kept in zip(self.params, self.training_view):
-                    p.copy_(kept)
+            self.optimizer.restore_weights(self.params, self.kept)
         return False
 
 
@@ -237,8 +243,10 @@ def check_resume_layout(resume_dir: Path, trainer_state: dict, runtime) -> None:
 # What a resume must share with its checkpoint: the LoRA's shape, what the loss is, the optimizer, the numerics
 # and the data order. The rest may change on resume; RESUME_CHANGEABLE are the ones the optimizer holds, and
 # they take effect from the next step (steps, saving, evaluation, previews and levers are read as the run goes).
+# Prodigy's settings are fixed: its param group carries them and loading the checkpoint's optimizer state restores
+# the saved ones, so a new value would be silently ignored (and d0 / betas / d_coef define the d being resumed).
 RESUME_FIXED = ("model_version", "rank", "alpha", "lora_targets", "zero_cond_t", "objective", "optimizer", "seed",
-                "gradient_accumulation", "batch_size", "bucket_batches", "flow", "bridge", "cfg_dropout")
+                "gradient_accumulation", "batch_size", "bucket_batches", "flow", "bridge", "cfg_dropout", "prodigy")
 RESUME_CHANGEABLE = ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")
 
 
@@ -378,14 +386,7 @@ def deepspeed_settings(cfg: TrainConfig, mixed: str) -> dict | None:
             "--gradient_accumulation, or accelerate_configs/ddp.yaml / a single process for --batch_size > 1")
     config = resolve_deepspeed_config(deepspeed_config, cfg.gradient_accumulation, bf16=mixed == "bf16",
                                       max_grad_norm=cfg.max_grad_norm)
-    stage = config["zero_optimization"]["stage"]
-    if cfg.optimizer == "prodigy_sf" and stage >= 1:
-        raise EditTunerError(
-            f"--optimizer prodigy_sf with DeepSpeed ZeRO stage {stage}: Prodigy's step size d is "
-            "computed from the parameters each rank holds, and ZeRO gives every rank a different shard, so d would "
-            "drift apart across ranks. Use accelerate_configs/ddp.yaml with prodigy_sf (d stays identical: every "
-            "rank sees the same gradients), or --optimizer adamw with ZeRO-3.")
-    return config
+    return config   # prodigy_sf too: GlobalProdigy reduces its statistics over the ranks' partitions (one d)
 
 
 def make_runtime(cfg: TrainConfig, mixed: str):
@@ -455,8 +456,9 @@ def start_from_lora(cfg: TrainConfig, dit: torch.nn.Module, main: bool) -> dict 
 def make_optimizer(cfg: TrainConfig, params: list[torch.Tensor]):
     """The optimizer and its lr schedule (linear warm-up, then constant)."""
     if cfg.optimizer == "prodigy_sf":
-        from prodigyplus.prodigy_plus_schedulefree import ProdigyPlusScheduleFree
-        optimizer = ProdigyPlusScheduleFree(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        from .prodigy import GlobalProdigy
+        optimizer = GlobalProdigy(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  **cfg.prodigy.optimizer_kwargs())
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps
@@ -588,6 +590,9 @@ class TrainingRun:
         with self.averaged_weights() as view:
             with runtime.gathered(self.params):
                 state = lora_state_dict(self.dit, cfg.rank, cfg.alpha)
+            if not runtime.zero_stage:   # the whole optimizer, in eval mode beside the averaged LoRA
+                write_optimizer = runtime.save_optimizer(self.optimizer, staging)
+        if runtime.zero_stage:   # the shards hold the fp32 partitions, i.e. the weights: the training view resumes bitwise
             write_optimizer = runtime.save_optimizer(self.optimizer, staging)
         trainer_state = {"step": step, "seed": cfg.seed, "processes": runtime.num_processes,
                          "zero_stage": runtime.zero_stage, "run_id": self.run_id, "loss": self.last_loss,

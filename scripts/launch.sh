@@ -69,11 +69,11 @@ export WANDB_NAME="${WANDB_NAME:-$(basename "$OUTPUT_DIR")}"
 ATTENTION="${ATTENTION:-auto}"; COMPILE="${COMPILE:-off}"
 BASE_QUANTIZATION="${BASE_QUANTIZATION:-none}"; OFFLOAD_BLOCKS="${OFFLOAD_BLOCKS:-off}"
 if [ -z "${ACCELERATE_CONFIG:-}" ]; then
-  # Several GPUs: DeepSpeed ZeRO-3 (zero3_offload for small cards); several CPU processes: DDP over gloo.
-  # prodigy_sf stays on DDP (ZeRO shards would split its d), and so do a quantized base, block offload and
-  # compiled blocks, which ZeRO does not combine with.
+  # Several GPUs: DeepSpeed ZeRO-3 (zero3_offload for small cards), prodigy_sf included (one d over the ranks'
+  # partitions); several CPU processes: DDP over gloo. A quantized base, block offload and compiled blocks stay on
+  # DDP: ZeRO does not combine with them.
   if [ "$NUM_PROCESSES" = 1 ]; then ACCELERATE_CONFIG=accelerate_configs/single.yaml
-  elif [ "$OPTIMIZER" != prodigy_sf ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 \
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 \
        && [ "$BASE_QUANTIZATION" = none ] && [ "$OFFLOAD_BLOCKS" = off ] && [ "$COMPILE" = off ]; then
     ACCELERATE_CONFIG=accelerate_configs/zero3.yaml
   else ACCELERATE_CONFIG=accelerate_configs/ddp.yaml; fi
@@ -88,7 +88,10 @@ to PHASE2 "${SHARED[@]}" OUTPUT_DIR:output_dir STEPS:max_steps LR:learning_rate 
   RESUME:resume OBJECTIVE:objective \
   OPTIMIZER:optimizer ATTENTION:attention COMPILE:compile BASE_QUANTIZATION:base_quantization \
   OFFLOAD_BLOCKS:offload_blocks LORA_TARGETS:lora_targets INIT_LORA:init_lora CFG_DROPOUT:cfg_dropout \
-  EMA_DECAY:ema_decay
+  EMA_DECAY:ema_decay WEIGHT_DECAY:weight_decay
+# Prodigy's settings (edittuner refuses them with OPTIMIZER=adamw); unset: the package's defaults.
+to PHASE2 PRODIGY_D0:prodigy_d0 PRODIGY_D_COEF:prodigy_d_coef PRODIGY_BETAS:prodigy_betas PRODIGY_STEPS:prodigy_steps \
+  PRODIGY_BIAS_CORRECTION:prodigy_bias_correction PRODIGY_FACTORED:prodigy_factored
 case "$OVERWRITE" in   # a switch, not a value: no flag of edittuner can check it
   on) PHASE2+=(--overwrite);; off) ;; *) echo "${NAME}.sh: error: OVERWRITE=$OVERWRITE must be on or off" >&2; exit 2;;
 esac

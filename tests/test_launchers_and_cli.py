@@ -34,12 +34,13 @@ def test_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path, script, preset):
 
 def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
     shutil.copytree(demo_dir, tmp_path / "demo")
-    result = _launch("Qwen-Image-Edit-LBM.sh", tmp_path, STEPS="20")
+    result = _launch("Qwen-Image-Edit-LBM.sh", tmp_path, STEPS="20", PRODIGY_D0="2e-6", PRODIGY_BETAS="0.95,0.99")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0].startswith("Qwen-Image-Edit-LBM: no MODEL_DIR set")
     config = json.loads((tmp_path / "run/config.json").read_text())
     assert config["objective"] == "lbm" and config["optimizer"] == "prodigy_sf" and config["max_grad_norm"] == 0.0
     assert config["learning_rate"] == 1.0 and config["bridge"]["sigma"] == 0.01
+    assert config["prodigy"]["d0"] == 2e-6 and config["prodigy"]["betas"] == [0.95, 0.99]   # the variables reach it
     metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 20 and all(m["d_lr"] > 0 for m in metrics)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
@@ -68,6 +69,10 @@ def test_lbm_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path):
                                "'sdpa', 'flash', 'efficient', 'cudnn', 'math')"),
     ({"COMPILE": "yes please"}, "COMPILE=yes please (--compile): 'yes please': use on or off"),
     ({"OVERWRITE": "maybe"}, "OVERWRITE=maybe must be on or off"),
+    ({"PRODIGY_D0": "1e-5"}, "PRODIGY_D0=1e-5 (--prodigy_d0): --prodigy_d0: Prodigy's settings, but --optimizer is "
+                             "adamw; drop them or use --optimizer prodigy_sf"),
+    ({"OPTIMIZER": "prodigy_sf", "PRODIGY_BETAS": "0.9"},
+     "PRODIGY_BETAS=0.9 (--prodigy_betas): --prodigy_betas 0.9: give two numbers in [0, 1)"),
     ({"BASE_QUANTIZATION": "int4"}, "BASE_QUANTIZATION=int4 (--base_quantization): invalid choice: 'int4'"),
     ({"BASE_QUANTIZATION": "fp8"}, "BASE_QUANTIZATION=fp8 (--base_quantization): --base_quantization fp8: fp8 "
                                    "weights need a CUDA GPU"),

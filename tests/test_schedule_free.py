@@ -91,3 +91,30 @@ def test_lbm_refuses_references_of_another_size(demo_cache, resize, tmp_path):
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EditTunerError, match="first reference"):
         train(_cfg(cache, resize, tmp_path / "r"), progress=False)
+
+
+def test_prodigy_settings_reach_the_optimizer_are_fixed_on_resume_and_refused_with_adamw(tmp_path):
+    from pathlib import Path
+    from edittuner.configs import ProdigyConfig
+    from edittuner.trainer import check_resume_settings, make_optimizer, run_settings
+    tuned = ProdigyConfig(d0=1e-4, d_coef=2.0, betas=(0.95, 0.98), steps=7, bias_correction=True, factored=False)
+    cfg = TrainConfig(cache_dir=tmp_path, output_dir=tmp_path, optimizer="prodigy_sf", weight_decay=0.05,
+                      prodigy=tuned)
+    optimizer, _ = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3, 3))])
+    group = optimizer.param_groups[0]
+    assert (group["d0"], group["d"], group["d_coef"], group["betas"], group["prodigy_steps"],
+            group["use_bias_correction"], group["factored"], group["weight_decay"]) == \
+        (1e-4, 1e-4, 2.0, (0.95, 0.98), 7, True, False, 0.05)
+    default = make_optimizer(TrainConfig(cache_dir=tmp_path, output_dir=tmp_path, optimizer="prodigy_sf"),
+                             [torch.nn.Parameter(torch.zeros(3, 3))])[0].param_groups[0]
+    assert (default["d0"], default["betas"], default["factored"]) == (1e-6, (0.9, 0.99), True)   # the package's
+    saved = {"step": 1, **run_settings(cfg, "no", None)}
+    other = TrainConfig(cache_dir=tmp_path, output_dir=tmp_path, optimizer="prodigy_sf", weight_decay=0.05,
+                        prodigy=ProdigyConfig(d0=1e-5, d_coef=2.0, betas=(0.95, 0.98), steps=7, bias_correction=True,
+                                              factored=False))
+    with pytest.raises(EditTunerError, match='prodigy: checkpoint .*"d0": 0.0001'):
+        check_resume_settings(Path("ckpt"), saved, other, run_settings(other, "no", None))
+    with pytest.raises(EditTunerError, match="--prodigy_d0, --prodigy_steps: Prodigy's settings, but --optimizer is adamw"):
+        TrainConfig(cache_dir=tmp_path, output_dir=tmp_path, prodigy=ProdigyConfig(d0=1e-4, steps=3))
+    with pytest.raises(EditTunerError, match="--prodigy_betas 0.9,1.0: give two numbers"):
+        ProdigyConfig(betas=(0.9, 1.0))
