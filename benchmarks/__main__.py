@@ -79,6 +79,28 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def timed_run_config(cache: Path, run: Path, model, resize, steps: int, batch: int, **extra):
+    """A phase-2 run that only trains (no eval, previews or checkpoints), two warm-up steps more than timed."""
+    from edittuner.configs import TrainConfig
+    return TrainConfig(cache_dir=cache, output_dir=run, model=model, resize=resize, max_steps=steps + 2, rank=32,
+                       gradient_accumulation=1, batch_size=batch, gradient_checkpointing=False, save_every=10_000,
+                       eval_samples=0, report_to="none", validation_steps=0, **extra)
+
+
+def bare_step_times(denoiser, optimizer, preloaded: list, timestep) -> list[float]:
+    """Seconds of each bare transformer step (forward, MSE to the flow target, backward, AdamW) on inputs already in
+    memory, the first two (warm-up) left out: the baseline a phase-2 step is compared with."""
+    times = []
+    for x0, noise, conditioning in preloaded:
+        start = time.perf_counter()
+        prediction = denoiser(latents=(x0 + noise) / 2, timestep=timestep, **conditioning)
+        torch.nn.functional.mse_loss(prediction, noise - x0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times[2:]
+
+
 def bench_phase2(work: Path, dataset: Path, steps: int) -> dict:
     resize = ResizeConfig(max_pixels=SIZE * SIZE)
     model = ModelSource(transformer_dir=str(work / "transformer"))
@@ -108,15 +130,7 @@ def bench_phase2(work: Path, dataset: Path, steps: int) -> dict:
         x0 = sample["target"][None]
         preloaded.append((x0, torch.randn_like(x0), collate_conditioning([sample], "cpu", torch.float32, True)))
     timestep = training_scheduler().timesteps[500:501]
-    times = []
-    for x0, noise, conditioning in preloaded:
-        start = time.perf_counter()
-        prediction = denoiser(latents=(x0 + noise) / 2, timestep=timestep, **conditioning)
-        torch.nn.functional.mse_loss(prediction, noise - x0).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    bare = statistics.median(times[2:])
+    bare = statistics.median(bare_step_times(denoiser, optimizer, preloaded, timestep))
 
     # Online encoding: what a step costs when the text encoder and VAE run inside it (no phase 1).
     encoders = build_tiny_encoders(0)
@@ -175,15 +189,7 @@ def bench_longcat(work: Path, dataset: Path, steps: int, rounds: int = 2) -> dic
     timestep = family.training_scheduler().timesteps[500:501]
 
     def bare_steps() -> list[float]:
-        times = []
-        for x0, noise, conditioning in preloaded:
-            start = time.perf_counter()
-            prediction = denoiser(latents=(x0 + noise) / 2, timestep=timestep, **conditioning)
-            torch.nn.functional.mse_loss(prediction, noise - x0).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-        return times[2:]
+        return bare_step_times(denoiser, optimizer, preloaded, timestep)
 
     encoder = family.sample_encoder(spec.preset, resize.vl_pixels)
     encoder.attach(model.load_encoders(), "cpu", torch.float32)
@@ -508,11 +514,7 @@ def bench_batching(work: Path, steps: int, rounds: int = 2) -> dict:
     for round_ in range(rounds):  # interleaved, so that load on a shared machine hits every batch size alike
         for objective, batch in step_times:
             run = work / f"batch-{objective}-{batch}-{round_}"
-            cfg = TrainConfig(cache_dir=cache, output_dir=run, model=model, resize=resize, max_steps=steps + 2,
-                              rank=32, gradient_accumulation=1, batch_size=batch, gradient_checkpointing=False,
-                              save_every=10_000, eval_samples=0, report_to="none", validation_steps=0,
-                              objective=objective)
-            train(cfg, progress=False)
+            train(timed_run_config(cache, run, model, resize, steps, batch, objective=objective), progress=False)
             step_times[objective, batch] += [m["step_time_s"] for m in read_metrics(run / "metrics.jsonl")[2:]]
     for (objective, batch), times in step_times.items():
         prefix = "" if objective == "flow" else "lbm_"
@@ -574,11 +576,7 @@ def bench_buckets(work: Path, steps: int, rounds: int = 2) -> dict:
     for round_ in range(rounds):  # interleaved, so that load on a shared machine hits every case alike
         for batch, on in totals:
             run = work / f"buckets-{batch}-{on}-{round_}"
-            cfg = TrainConfig(cache_dir=cache, output_dir=run, model=model, resize=resize, max_steps=steps + 2,
-                              rank=32, gradient_accumulation=1, batch_size=batch, gradient_checkpointing=False,
-                              save_every=10_000, eval_samples=0, report_to="none", validation_steps=0,
-                              bucket_batches=on)
-            train(cfg, progress=False)
+            train(timed_run_config(cache, run, model, resize, steps, batch, bucket_batches=on), progress=False)
             for m in read_metrics(run / "metrics.jsonl")[2:]:
                 totals[batch, on][0] += m["step_time_s"]
                 totals[batch, on][1] += batch
@@ -1030,31 +1028,15 @@ def main(argv=None) -> int:
         print(text)
         if not args.quick:
             update_benchmarks_md(text, "processes")
-    if "batching" in only:
-        text = render_batching(results)
-        print(text)
-        if not args.quick:
-            update_benchmarks_md(text, "batching")
-    if "buckets" in only:
-        text = render_buckets(results)
-        print(text)
-        if not args.quick:
-            update_benchmarks_md(text, "buckets")
-    if "levers" in only:
-        text = render_levers(results)
-        print(text)
-        if not args.quick:
-            update_benchmarks_md(text, "levers")
-    if "longcat" in only:
-        text = render_longcat(results)
-        print(text)
-        if not args.quick:
-            update_benchmarks_md(text, "longcat")
-    if "zero_prodigy" in only:
-        text = render_zero_prodigy(results)
-        print(text)
-        if not args.quick:
-            update_benchmarks_md(text, "zero-prodigy")
+    # Each of these cases regenerates its own section of BENCHMARKS.md.
+    for case, render_case, section in (("batching", render_batching, "batching"), ("buckets", render_buckets, "buckets"),
+                                       ("levers", render_levers, "levers"), ("longcat", render_longcat, "longcat"),
+                                       ("zero_prodigy", render_zero_prodigy, "zero-prodigy")):
+        if case in only:
+            text = render_case(results)
+            print(text)
+            if not args.quick:
+                update_benchmarks_md(text, section)
     if "app" not in only:
         return 0
     # The app's click-to-result latency: its own module (a server on a free loopback port), same run.

@@ -349,18 +349,10 @@ def _resolve_row_path(path: Path, number: int, name: str, value: str, base: Path
     return candidate
 
 
-def _decode_file(path: Path, data: bytes) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise EditTunerError(f"dataset file {path}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                             "re-save it as UTF-8") from None
-
-
 def _csv_rows(path: Path, data: bytes) -> list:
     """A DiffSynth metadata.csv: a header row naming the columns, one sample a row; an empty cell is no value. An
     ``edit_image`` cell holds one path, or a JSON list of paths (several references)."""
-    reader = csv.DictReader(io.StringIO(_decode_file(path, data), newline=""))
+    reader = csv.DictReader(io.StringIO(_decode_text(data, path), newline=""))
     rows = []
     try:
         for number, record in enumerate(reader):
@@ -390,7 +382,7 @@ def _csv_rows(path: Path, data: bytes) -> list:
 
 def _jsonl_rows(path: Path, data: bytes) -> list:
     rows = []
-    for number, line in enumerate(l for l in _decode_file(path, data).splitlines() if l.strip()):
+    for number, line in enumerate(l for l in _decode_text(data, path).splitlines() if l.strip()):
         try:
             rows.append(json.loads(line))
         except (ValueError, RecursionError) as exc:
