@@ -14,7 +14,10 @@ from .dataset import GenerateConfig, generate_dataset_json
 # The rows with one reference, for versions that take one (Qwen-Image-Edit.sh's demo): <name>.json, <name>_val.json.
 SINGLE_REFERENCE = "dataset_single_ref"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "moon")
-SWATCHES = ((220, 40, 40), (40, 160, 60), (50, 80, 220), (230, 180, 30))
+# Blues: every demo edit turns red parts blue, so that one rule is what a LoRA learns (the swatch rows say it with
+# a second reference).
+SWATCHES = ((50, 80, 220), (40, 140, 230), (90, 60, 200), (30, 110, 190))
+RED_MIN_SHARE = 0.03   # a photo with less red than this keeps no mask: its target is the source itself
 
 
 def _photo(name: str, size: int) -> Image.Image:
@@ -26,33 +29,31 @@ def _photo(name: str, size: int) -> Image.Image:
     return ImageOps.fit(image, target, Image.Resampling.LANCZOS)
 
 
-def _box_mask(size: tuple[int, int], index: int) -> Image.Image:
-    w, h = size
-    # A different rectangle per sample, always well inside the frame.
-    x0 = (w // 8) * (1 + index % 3)
-    y0 = (h // 8) * (1 + (index // 3) % 2)
-    mask = Image.new("L", size, 0)
-    mask.paste(255, (x0, y0, min(w, x0 + w // 2), min(h, y0 + h // 2)))
-    return mask
+def red_mask(source: Image.Image) -> Image.Image | None:
+    """The source's red parts (red well above green and blue), grown by a pixel; None when there are hardly any.
+    The edit region is what the picture shows, so a model can see where to edit (a hidden box it could not)."""
+    rgb = np.asarray(source, dtype=np.float32)
+    red = (rgb[..., 0] > 1.4 * rgb[..., 1:].max(axis=-1)) & (rgb[..., 0] > 60)
+    if red.mean() < RED_MIN_SHARE:
+        return None
+    return Image.fromarray((red * 255).astype(np.uint8), mode="L").filter(ImageFilter.MaxFilter(3))
 
 
-def _edit(source: Image.Image, mask: Image.Image, index: int) -> tuple[Image.Image, str, Image.Image | None]:
-    """Apply edit number ``index % 4`` inside the mask; returns (target, prompt, optional second reference)."""
-    kind = index % 4
-    swatch = None
-    if kind == 0:
-        edited, prompt = ImageOps.grayscale(source).convert("RGB"), "Make the marked region black and white."
-    elif kind == 1:
-        edited, prompt = ImageOps.invert(source), "Invert the colors inside the marked region."
-    elif kind == 2:
+def _edit(source: Image.Image, index: int) -> tuple[Image.Image, Image.Image | None, str, Image.Image | None]:
+    """Turn the source's red parts blue; returns (target, mask, prompt, optional second reference). Every fourth
+    pair takes the blue from a colour swatch (Picture 2); the others swap red and blue."""
+    mask = red_mask(source)
+    pixels = np.asarray(source, dtype=np.float32)
+    if index % 4 == 2:
         color = SWATCHES[(index // 4) % len(SWATCHES)]
         swatch = Image.new("RGB", source.size, color)
-        tint = np.asarray(source, dtype=np.float32) * 0.4 + np.asarray(color, dtype=np.float32) * 0.6
-        edited = Image.fromarray(tint.clip(0, 255).astype(np.uint8))
-        prompt = "Tint the marked region of Picture 1 with the color of Picture 2."
+        edited = pixels * 0.4 + np.asarray(color, dtype=np.float32) * 0.6
+        prompt = "Paint the red parts of Picture 1 with the color of Picture 2."
     else:
-        edited, prompt = source.filter(ImageFilter.GaussianBlur(3)), "Blur the marked region."
-    return Image.composite(edited, source, mask), prompt, swatch
+        swatch, edited, prompt = None, pixels[..., ::-1], "Make the red parts blue."
+    edited = Image.fromarray(edited.clip(0, 255).astype(np.uint8))
+    target = source.copy() if mask is None else Image.composite(edited, source, mask)
+    return target, mask, prompt, swatch
 
 
 def _write_pairs(raw: Path, pairs: list[tuple[str, Image.Image]], first_index: int) -> None:
@@ -60,11 +61,11 @@ def _write_pairs(raw: Path, pairs: list[tuple[str, Image.Image]], first_index: i
         (raw / role).mkdir(parents=True, exist_ok=True)
     for offset, (stem, source) in enumerate(pairs):
         index = first_index + offset
-        mask = _box_mask(source.size, index)
-        target, prompt, swatch = _edit(source, mask, index)
+        target, mask, prompt, swatch = _edit(source, index)
         source.save(raw / "source" / f"{stem}.png")
         target.save(raw / "target" / f"{stem}.png")
-        mask.save(raw / "mask" / f"{stem}.png")
+        if mask is not None:
+            mask.save(raw / "mask" / f"{stem}.png")
         (raw / "target" / f"{stem}.txt").write_text(prompt + "\n", encoding="utf-8")
         if swatch is not None:
             swatch.save(raw / "source_2" / f"{stem}.png")
@@ -82,7 +83,7 @@ def make_demo_dataset(out: Path, size: int = 96) -> str:
     out/dataset_single_ref.json and out/dataset_single_ref_val.json; return the generator's summary."""
     out = Path(out)
     _write_pairs(out / "raw", [(f"{i:02d}_{name}", _photo(name, size)) for i, name in enumerate(PHOTOS)], 0)
-    # Validation: mirrored photos, other masks; invert on the astronaut (trained: grey), a new swatch on the coffee.
+    # Validation: the astronaut and the coffee mirrored, the coffee with a swatch of another blue.
     held_out = [(f"val_{i:02d}_{PHOTOS[i]}", ImageOps.mirror(_photo(PHOTOS[i], size))) for i in (0, 2)]
     _write_pairs(out / "raw_val", held_out, len(PHOTOS) + 1)
     generate_dataset_json(GenerateConfig(raw_dir=out / "raw_val", output=out / "dataset_val.json", min_size=32),

@@ -364,13 +364,15 @@ class LatentBridgeMatching(Objective):
         for sample in samples:
             x1 = sample["target"][None].to(device, dtype)
             z0 = sample["ref.0"][None].to(device, dtype)
+            if not bool((z0 != x1).any()):   # a pair the edit leaves as it is: no bridge to cross, no ratio
+                continue
             conditioning = self.model.conditioning([sample], device, dtype)
             if not self.settings.main_stream_references:
                 conditioning = self.model.family.without_references(conditioning)
             with autocast():
                 out = sample_bridge(denoiser, z0, conditioning, steps=1)
             ratios.append(float((out - x1).norm() / (z0 - x1).norm()))
-        return {**result, "bridge_1step_distance_ratio": sum(ratios) / len(ratios)}
+        return {**result, **({"bridge_1step_distance_ratio": sum(ratios) / len(ratios)} if ratios else {})}
 
     def validation_sampler(self, steps, guidance, seed):
         return SamplerConfig(sampler="bridge", steps=1 if steps is None else steps, seed=seed,

@@ -26,11 +26,12 @@ if [ -z "$MODEL_DIR" ]; then
   [ -n "$DATASETS" ] || DATASET_JSON="${DATASET_JSON:-$DEMO_DATASET}"
   [ -n "$DATASETS" ] || [ -f "$DATASET_JSON" ] || [ "$DATASET_JSON" != "$DEMO_DATASET" ] \
     || "$PYTHON" -m edittuner demo-data --out data/demo
-  # Tiny-model defaults: small images and a high learning rate so the demo learns in a minute on a CPU.
-  STEPS="${STEPS:-60}"; RANK="${RANK:-8}"; GRAD_ACCUM="${GRAD_ACCUM:-2}"
+  # Tiny-model defaults: small images and a high learning rate so the demo learns its edit in about a minute on
+  # a 2-core CPU (README: "What the demo shows").
+  STEPS="${STEPS:-200}"; RANK="${RANK:-8}"; GRAD_ACCUM="${GRAD_ACCUM:-2}"
   if [ "$OPTIMIZER" = prodigy_sf ]; then LR="${LR:-1.0}"; else LR="${LR:-5e-3}"; fi
-  MAX_PIXELS="${MAX_PIXELS:-9216}"; SAVE_EVERY="${SAVE_EVERY:-30}"
-  VALIDATION_STEPS="${VALIDATION_STEPS:-30}"; VALIDATION_INFERENCE_STEPS="${VALIDATION_INFERENCE_STEPS:-8}"
+  MAX_PIXELS="${MAX_PIXELS:-9216}"; SAVE_EVERY="${SAVE_EVERY:-100}"
+  VALIDATION_STEPS="${VALIDATION_STEPS:-100}"; VALIDATION_INFERENCE_STEPS="${VALIDATION_INFERENCE_STEPS:-8}"
 else
   echo "${NAME}: model directory $MODEL_DIR"
   SHARED+=(MODEL_DIR:model_dir TRANSFORMER_DIR:transformer_dir TEXT_ENCODER_DIR:text_encoder_dir VAE_DIR:vae_dir

@@ -30,27 +30,27 @@ def resize():
     return ResizeConfig(max_pixels=TINY_PIXELS)
 
 
-@pytest.fixture(scope="session")
-def demo_cache(demo_dir, resize, tmp_path_factory):
+def encode_demo(dataset_json, cache, resize, family: str | None = None, **settings):
+    """Phase 1 of demo rows into ``cache`` by the tiny model (Qwen's unless ``family``); returns ``cache``."""
     from edittuner.cache import PrecomputeConfig, precompute_cache
     from edittuner.models import ModelSource
-    cache = tmp_path_factory.mktemp("cache")
-    precompute_cache(PrecomputeConfig(dataset_json=demo_dir / "dataset.json", cache_dir=cache,
-                                      model=ModelSource(), resize=resize), progress=False)
+    model = ModelSource(family=family) if family else ModelSource()
+    precompute_cache(PrecomputeConfig(dataset_json=dataset_json, cache_dir=cache, model=model, resize=resize,
+                                      **settings), progress=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def demo_cache(demo_dir, resize, tmp_path_factory):
+    return encode_demo(demo_dir / "dataset.json", tmp_path_factory.mktemp("cache"), resize)
 
 
 @pytest.fixture(scope="session")
 def longcat_cache(demo_dir, resize, tmp_path_factory):
     """The demo's single-reference pairs (and their validation pairs) encoded by the tiny LongCat-Image-Edit."""
-    from edittuner.cache import PrecomputeConfig, precompute_cache
-    from edittuner.models import ModelSource
-    cache = tmp_path_factory.mktemp("cache_longcat")
-    precompute_cache(PrecomputeConfig(dataset_json=demo_dir / "dataset_single_ref.json", cache_dir=cache,
-                                      model=ModelSource(family="longcat-image-edit"), resize=resize,
-                                      model_version="longcat",
-                                      validation_json=demo_dir / "dataset_single_ref_val.json"), progress=False)
-    return cache
+    return encode_demo(demo_dir / "dataset_single_ref.json", tmp_path_factory.mktemp("cache_longcat"), resize,
+                       "longcat-image-edit", model_version="longcat",
+                       validation_json=demo_dir / "dataset_single_ref_val.json")
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +62,20 @@ def trained_run(demo_cache, resize, tmp_path_factory):
                       rank=8, gradient_accumulation=2, save_every=20, gradient_checkpointing=False)
     result = train(cfg, progress=False)
     return out, result, cfg
+
+
+def absolute_rows(demo_dir, name: str = "dataset.json", ids=None) -> list[dict]:
+    """The rows of a demo dataset JSON (those in ``ids``, if given) with absolute paths, so that a JSON anywhere
+    can hold them; a row without a mask (a demo photo with no red) keeps none."""
+    import json
+    rows = []
+    for row in json.loads((demo_dir / name).read_text()):
+        if ids is None or row["id"] in ids:
+            row = dict(row, image=str(demo_dir / row["image"]), edit_image=[str(demo_dir / e) for e in row["edit_image"]])
+            if row.get("back_mask"):
+                row["back_mask"] = str(demo_dir / row["back_mask"])
+            rows.append(row)
+    return rows
 
 
 def tiny_dit_with_lora(dit=None, dit_seed: int = 0):

@@ -8,6 +8,7 @@ import torch
 
 from edittuner.objectives import BridgeConfig, bridge_interpolant, bridge_matching_losses, bridge_step, bridge_target, bridge_timestep_input, sample_bridge
 from edittuner.families.qwen_image_edit.denoiser import training_scheduler
+from conftest import absolute_rows
 
 
 def _pair(seed=0, shape=(1, 16, 6, 8)):
@@ -116,11 +117,7 @@ def test_lbm_training_on_four_pairs_brings_the_one_step_output_near_the_target(d
     from edittuner.models import ModelSource
     from edittuner.trainer import TrainConfig, train
 
-    rows = json.loads((demo_dir / "dataset.json").read_text())[:4]
-    for row in rows:
-        for key in ("image", "back_mask"):
-            row[key] = str(demo_dir / row[key])
-        row["edit_image"] = [str(demo_dir / p) for p in row["edit_image"]]
+    rows = absolute_rows(demo_dir)[:4]
     (tmp_path / "four.json").write_text(json.dumps(rows))
     resize = ResizeConfig(max_pixels=64 * 64)
     precompute_cache(PrecomputeConfig(dataset_json=tmp_path / "four.json", cache_dir=tmp_path / "cache",

@@ -15,14 +15,13 @@ from edittuner.dataset import load_dataset
 from edittuner.models import ModelSource
 from edittuner.tracking import read_metrics
 from edittuner.trainer import TrainConfig, TrainingRun, cfg_dropped, train
+from conftest import absolute_rows
 
 SAME_SHAPE_IDS = ("00_astronaut", "04_hubble_deep_field", "05_immunohistochemistry")  # 96x96, one reference each
 
 
 def _subset(demo_dir, name: str, ids, out):
-    rows = [dict(r, image=str(demo_dir / r["image"]), edit_image=[str(demo_dir / e) for e in r["edit_image"]],
-                 back_mask=str(demo_dir / r["back_mask"]) if r.get("back_mask") else None)
-            for r in json.loads((demo_dir / name).read_text()) if ids is None or r["id"] in ids]
+    rows = absolute_rows(demo_dir, name, ids)
     out.write_text(json.dumps(rows))
     return out
 

@@ -48,10 +48,12 @@ def test_zero3_on_two_ranks_equals_one_process_with_doubled_accumulation(demo_ca
     # Same samples in the same order (position = (step * ga + micro) * world + rank), same noise: same LoRA.
     zero3, ref = load_file(tmp_path / "zero3/lora.safetensors"), load_file(single / "lora.safetensors")
     assert zero3.keys() == ref.keys()
-    assert max(float((zero3[k] - ref[k]).abs().max()) for k in ref) < 1e-5
+    # 2% of one lr-5e-3 AdamW step: Adam normalises each element, so an element whose gradient is rounding noise
+    # turns last-bit differences into a fraction of a step (measured 2e-5 on the fitted 128-wide tiny DiT).
+    assert max(float((zero3[k] - ref[k]).abs().max()) for k in ref) < 1e-4
     # The EMA is of the gathered LoRA: the same average as one process keeps.
     zero3_ema, ref_ema = load_file(tmp_path / "zero3/lora_ema.safetensors"), load_file(single / "lora_ema.safetensors")
-    assert max(float((zero3_ema[k] - ref_ema[k]).abs().max()) for k in ref) < 1e-5
+    assert max(float((zero3_ema[k] - ref_ema[k]).abs().max()) for k in ref) < 1e-4   # the average of LoRAs within that bound
     assert not all(torch.equal(zero3[k], load_file(tmp_path / "zero3/checkpoints/step-2/lora.safetensors")[k])
                    for k in zero3)  # the checkpoint is the gathered LoRA of step 2, not a placeholder
     got, want = read_metrics(tmp_path / "zero3/metrics.jsonl"), read_metrics(single / "metrics.jsonl")
@@ -69,7 +71,8 @@ def test_zero3_prodigy_has_one_d_and_resumes_exactly(demo_cache, resize, tmp_pat
     lora_A takes its first steps on near-zero gradients (lora_B starts at zero), where Prodigy's normalised steps
     (eps scaled by d) act like sign steps and turn last-bit differences into whole steps of d0 = 1e-3; measured
     2e-4 to 5e-4. A stopped run resumes bitwise."""
-    prodigy = ["--optimizer", "prodigy_sf", "--prodigy_d0", 1e-3, "--prodigy_factored", "off"]
+    # d_coef 10: on the fitted tiny base d would stay at d0 for 7 steps; here it moves at step 4 (d 3.3e-3).
+    prodigy = ["--optimizer", "prodigy_sf", "--prodigy_d0", 1e-3, "--prodigy_d_coef", 10, "--prodigy_factored", "off"]
     common = ["--cache_dir", demo_cache, "--deepspeed_config", ZERO3, "--rank", 4, "--max_pixels", TINY_PIXELS,
               "--eval_samples", 0, "--report_to", "none", "--save_every", 2, "--gradient_accumulation", 1,
               "--gradient_checkpointing", "off", *prodigy]
@@ -82,14 +85,16 @@ def test_zero3_prodigy_has_one_d_and_resumes_exactly(demo_cache, resize, tmp_pat
     single = tmp_path / "single"
     train(TrainConfig(cache_dir=demo_cache, output_dir=single, resize=resize, max_steps=4, rank=4, save_every=2,
                       gradient_accumulation=2, eval_samples=0, report_to="none", gradient_checkpointing=False,
-                      optimizer="prodigy_sf", prodigy=ProdigyConfig(d0=1e-3, factored=False)), progress=False)
+                      optimizer="prodigy_sf", prodigy=ProdigyConfig(d0=1e-3, d_coef=10.0, factored=False)),
+          progress=False)
     got, want = read_metrics(whole / "metrics.jsonl"), read_metrics(single / "metrics.jsonl")
     shards = [load_state(whole / "checkpoints/step-4", f"optimizer.rank{r}")["optimizer_state_dict"] for r in (0, 1)]
     assert shards[0]["param_groups"][0]["d"] == shards[1]["param_groups"][0]["d"] == got[-1]["d"]
     assert [m["d"] for m in got] == pytest.approx([m["d"] for m in want], rel=5e-3)
     assert want[-1]["d"] > 1.1e-3   # d moved off d0 (the comparison is not of constants)
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], rel=1e-5)
-    for step, tolerance in (("checkpoints/step-2/lora.safetensors", 1e-3), ("lora.safetensors", 1e-3)):
+    # One step of d at that point: a near-zero gradient element's sign step may differ (see above).
+    for step, tolerance in (("checkpoints/step-2/lora.safetensors", want[1]["d"]), ("lora.safetensors", want[-1]["d"])):
         zero3, ref = load_file(whole / step), load_file(single / step)   # the averaged LoRA, gathered
         assert zero3.keys() == ref.keys()
         assert max(float((zero3[k] - ref[k]).abs().max()) for k in ref) < tolerance

@@ -21,7 +21,7 @@ from edittuner.images import ResizeConfig, load_mask
 from edittuner.models import ModelSource
 from edittuner.families.qwen_image_edit.tiny import build_tiny_encoders
 
-from conftest import TINY_PIXELS
+from conftest import TINY_PIXELS, absolute_rows
 
 
 def _img(path: Path, size=(80, 64), color=(200, 10, 10), mode="RGB") -> Path:
@@ -32,9 +32,7 @@ def _img(path: Path, size=(80, 64), color=(200, 10, 10), mode="RGB") -> Path:
 
 def _demo_rows(demo_dir: Path, count: int) -> list[dict]:
     """The first ``count`` demo rows with absolute paths, so that a JSON anywhere can hold them."""
-    rows = json.loads((demo_dir / "dataset.json").read_text())[:count]
-    return [dict(r, image=str(demo_dir / r["image"]), edit_image=[str(demo_dir / e) for e in r["edit_image"]],
-                 back_mask=str(demo_dir / r["back_mask"])) for r in rows]
+    return absolute_rows(demo_dir)[:count]
 
 
 def _write_json(path: Path, rows) -> Path:

@@ -28,6 +28,10 @@ def test_launcher_end_to_end_on_tiny_model(demo_dir, tmp_path, script, preset):
     assert config["model_version"] == preset and config["zero_cond_t"] is (preset == "2511")
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["eval_loss_end"] < 0.85 * summary["eval_loss_start"], summary
+    # The demo visibly learns (issue 16): the held-out outputs come closer to their targets where the edit is
+    # (60 steps here: measured 10.5 -> 14.4 dB in the mask, 12.4 -> 15.4 dB overall; the demo's 200 steps: README).
+    assert summary["val_psnr_in_mask_end"] > summary["val_psnr_in_mask_start"] + 2, summary
+    assert summary["val_psnr_end"] > summary["val_psnr_start"] + 1, summary
     assert (tmp_path / "run/lora.safetensors").is_file()
     assert json.loads((tmp_path / "cache/manifest.json").read_text())["model_version"] == preset
 

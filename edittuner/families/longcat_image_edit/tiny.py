@@ -5,7 +5,8 @@ builders: LongCat's text side is the same Qwen2.5-VL stack. The transformer is d
 LongCatImageTransformer2DModel with one double- and one single-stream block; the VAE is diffusers' AutoencoderKL
 with 16 latent channels and an 8x downsampling (as the real one), loaded from ``tiny_vae.safetensors`` beside this
 file (fitted to the demo photos by ``scripts/fit_tiny_vae.py``, its shift_factor / scaling_factor calibrated there and
-kept in the file's metadata).
+kept in the file's metadata). The transformer of seed 0 loads ``tiny_dit.safetensors``, a base fitted by
+``scripts/fit_tiny_dit.py`` to reproduce its reference (as Qwen's tiny DiT); other seeds give random inits.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ..qwen_image_edit.tiny import (SPECIAL_TOKENS, TINY_TEXT_DIM, _calibration_images, _round3, _seeded,
-                                    build_processor, build_tokenizer, fitted_vae_state, tiny_text_encoder_config,
-                                    weights_digest)
+from ..qwen_image_edit.tiny import (FITTED_DIT_SEED, SPECIAL_TOKENS, TINY_TEXT_DIM, _calibration_images, _round3,
+                                    _seeded, build_processor, build_tokenizer, fitted_weights,
+                                    tiny_text_encoder_config, weights_digest)
 from .models import SCHEDULER_CONFIG, Encoders
 
+# Width 128 (8 heads of 16): narrower than a 2x2 patch of 16 latent channels (64), the stream could not copy it.
 TINY_DIT = {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
-            "num_attention_heads": 2, "joint_attention_dim": TINY_TEXT_DIM, "pooled_projection_dim": TINY_TEXT_DIM,
+            "num_attention_heads": 8, "joint_attention_dim": TINY_TEXT_DIM, "pooled_projection_dim": TINY_TEXT_DIM,
             "axes_dims_rope": [4, 6, 6]}
 # Four resolution levels: the pipeline's vae_scale_factor (2 ** (levels - 1)) is 8, as the real VAE's. No quant
 # convs, as the FLUX.1 VAE LongCat uses.
@@ -32,9 +34,10 @@ TINY_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncod
             "latent_channels": 16, "norm_num_groups": 4, "sample_size": 64, "use_quant_conv": False,
             "use_post_quant_conv": False}
 TINY_VAE_WEIGHTS = Path(__file__).with_name("tiny_vae.safetensors")
+TINY_DIT_WEIGHTS = Path(__file__).with_name("tiny_dit.safetensors")
 
 
-def build_tiny_dit(seed: int = 0):
+def random_tiny_dit(seed: int = 0):
     from diffusers import LongCatImageTransformer2DModel
 
     rng = _seeded(seed, 11)
@@ -42,6 +45,14 @@ def build_tiny_dit(seed: int = 0):
         return LongCatImageTransformer2DModel(**TINY_DIT)
     finally:
         rng.__exit__(None, None, None)
+
+
+def build_tiny_dit(seed: int = 0):
+    """Seed 0: the fitted base; any other seed: the random init from that seed."""
+    dit = random_tiny_dit(seed)
+    if seed == FITTED_DIT_SEED:
+        dit.load_state_dict(fitted_weights(TINY_DIT_WEIGHTS, "DiT", "fit_tiny_dit.py"))
+    return dit
 
 
 @torch.no_grad()
@@ -73,7 +84,7 @@ def _tiny_encoder_state(seed: int):
         text_encoder = Qwen2_5_VLForConditionalGeneration(tiny_text_encoder_config())
     finally:
         rng.__exit__(None, None, None)
-    vae_state = fitted_vae_state(TINY_VAE_WEIGHTS)
+    vae_state = fitted_weights(TINY_VAE_WEIGHTS)
     with safe_open(str(TINY_VAE_WEIGHTS), framework="pt") as f:
         metadata = f.metadata()
     return text_encoder.state_dict(), vae_state, (float(metadata["shift_factor"]), float(metadata["scaling_factor"]))

@@ -3,9 +3,11 @@
 Nothing is downloaded: the tokenizer is a byte-level BPE with Qwen's chat special tokens, built with
 ``tokenizers``; the processor is transformers' Qwen2-VL processor around it; the text encoder is a
 two-layer Qwen2.5-VL with a vision tower; the VAE and DiT are diffsynth's classes at small sizes. The text encoder
-and DiT are random from the seed; the VAE loads ``tiny_vae.safetensors`` beside this file, fitted to the demo photos
-by ``scripts/fit_tiny_vae.py`` (a random VAE reconstructs no photo, so previews would show nothing), the same
-weights for every seed.
+is random from the seed; the VAE loads ``tiny_vae.safetensors`` beside this file, fitted to the demo photos by
+``scripts/fit_tiny_vae.py`` (a random VAE reconstructs no photo, so previews would show nothing), the same weights
+for every seed. The DiT of seed 0 (the default) loads ``tiny_dit.safetensors``, a base fitted by
+``scripts/fit_tiny_dit.py`` to reproduce its first reference (a random DiT outputs noise, so a demo LoRA could show
+no edit); other seeds give random inits, for tests that need distinct models.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from ...errors import EditTunerError
 from .models import EditDiT, EditTextEncoder, Encoders
 
 TINY_TEXT_DIM = 32
-TINY_DIT = {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+# Width 128: a 2x2 patch of 16 latent channels is 64 numbers, and a narrower stream cannot carry it to copy it.
+TINY_DIT = {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 8,
             "joint_attention_dim": TINY_TEXT_DIM, "axes_dims_rope": [4, 6, 6],
             "in_channels": 64, "out_channels": 16, "patch_size": 2}
 TINY_VAE = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_scales": [],
             "temperal_downsample": [False, True, True], "dropout": 0.0}
 TINY_VAE_WEIGHTS = Path(__file__).with_name("tiny_vae.safetensors")
+TINY_DIT_WEIGHTS = Path(__file__).with_name("tiny_dit.safetensors")
+FITTED_DIT_SEED = 0
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -82,12 +87,20 @@ def tiny_text_encoder_config():
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
 
 
-def build_tiny_dit(seed: int = 0) -> EditDiT:
+def random_tiny_dit(seed: int = 0) -> EditDiT:
     rng = _seeded(seed, 1)
     try:
         return EditDiT.from_config(TINY_DIT)
     finally:
         rng.__exit__(None, None, None)
+
+
+def build_tiny_dit(seed: int = 0) -> EditDiT:
+    """Seed 0: the fitted base; any other seed: the random init from that seed."""
+    dit = random_tiny_dit(seed)
+    if seed == FITTED_DIT_SEED:
+        dit.load_state_dict(fitted_weights(TINY_DIT_WEIGHTS, "DiT", "fit_tiny_dit.py"))
+    return dit
 
 
 @lru_cache(maxsize=4)
@@ -97,17 +110,17 @@ def _tiny_encoder_state(seed: int):
         text_encoder = EditTextEncoder(tiny_text_encoder_config())
     finally:
         rng.__exit__(None, None, None)
-    return text_encoder.state_dict(), fitted_vae_state(TINY_VAE_WEIGHTS)
+    return text_encoder.state_dict(), fitted_weights(TINY_VAE_WEIGHTS)
 
 
 @lru_cache(maxsize=4)
-def fitted_vae_state(path: Path) -> dict[str, torch.Tensor]:
-    """A tiny VAE's fitted weights (shared with the LongCat family's tiny model, which reads its own file)."""
+def fitted_weights(path: Path, what: str = "VAE", script: str = "fit_tiny_vae.py") -> dict[str, torch.Tensor]:
+    """A tiny model's committed fitted weights (the LongCat family's tiny model reads its own VAE file)."""
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise EditTunerError(f"{path}: the built-in tiny model's VAE weights are missing (a broken install?); "
-                             "reinstall edittuner, or remake them with `python scripts/fit_tiny_vae.py`")
+        raise EditTunerError(f"{path}: the built-in tiny model's {what} weights are missing (a broken install?); "
+                             f"reinstall edittuner, or remake them with `python scripts/{script}`")
     return load_file(str(path))
 
 
