@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..qwen_image_edit.tiny import (FITTED_DIT_SEED, SPECIAL_TOKENS, TINY_TEXT_DIM, _calibration_images, _round3,
-                                    _seeded, build_processor, build_tokenizer, fitted_weights,
-                                    tiny_text_encoder_config, weights_digest)
+from ..qwen_image_edit.tiny import (SPECIAL_TOKENS, TINY_TEXT_DIM, _calibration_images, _round3, _seeded,
+                                    build_processor, build_tokenizer, fitted_weights, tiny_text_encoder_config,
+                                    weights_digest, with_fitted_base)
 from .models import SCHEDULER_CONFIG, Encoders
 
 # Width 128 (8 heads of 16): narrower than a 2x2 patch of 16 latent channels (64), the stream could not copy it.
@@ -48,11 +48,7 @@ def random_tiny_dit(seed: int = 0):
 
 
 def build_tiny_dit(seed: int = 0):
-    """Seed 0: the fitted base; any other seed: the random init from that seed."""
-    dit = random_tiny_dit(seed)
-    if seed == FITTED_DIT_SEED:
-        dit.load_state_dict(fitted_weights(TINY_DIT_WEIGHTS, "DiT", "fit_tiny_dit.py"))
-    return dit
+    return with_fitted_base(random_tiny_dit(seed), seed, TINY_DIT_WEIGHTS)
 
 
 @torch.no_grad()

@@ -95,12 +95,15 @@ def random_tiny_dit(seed: int = 0) -> EditDiT:
         rng.__exit__(None, None, None)
 
 
-def build_tiny_dit(seed: int = 0) -> EditDiT:
-    """Seed 0: the fitted base; any other seed: the random init from that seed."""
-    dit = random_tiny_dit(seed)
+def with_fitted_base(dit: torch.nn.Module, seed: int, path: Path) -> torch.nn.Module:
+    """Seed 0: the random init replaced by the fitted base in ``path``; any other seed: the random init as it is."""
     if seed == FITTED_DIT_SEED:
-        dit.load_state_dict(fitted_weights(TINY_DIT_WEIGHTS, "DiT", "fit_tiny_dit.py"))
+        dit.load_state_dict(fitted_weights(path, "DiT", "fit_tiny_dit.py"))
     return dit
+
+
+def build_tiny_dit(seed: int = 0) -> EditDiT:
+    return with_fitted_base(random_tiny_dit(seed), seed, TINY_DIT_WEIGHTS)
 
 
 @lru_cache(maxsize=4)
